@@ -1,0 +1,182 @@
+"""Flat, frozen configs: YAML presets plus `key=value` overrides, checked loudly.
+
+A preset in `configs/` is a flat mapping of the same fields as the dataclass. Unknown keys and
+values of the wrong type fail with an error that names the key (and the file). The resolved
+config is saved as `config.json` in the run directory, and `--resume` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and where it came from."""
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """Everything one RL run needs. Defaults run the CPU demo (rank-1 LoRA, synthetic arithmetic)."""
+
+    # model and parametrization
+    model: str = "default"  # "default" (offline SmolLM2-135M-Instruct), a local folder, or a Hub name
+    rank: int | str = 1  # LoRA rank >= 1, or "full" for full fine-tuning
+    alpha_rule: str = "constant"  # constant | per_rank | sqrt (see rlora.lora.ALPHA_RULES)
+    alpha_c: float | None = None  # the rule's constant; None = the rule's default (alpha = 32 at r = 32)
+    lora_init: str = "default"  # default (A uniform, B = 0) | gaussian | gaussian_ab
+    lora_init_scale: float = 1.0
+    lora_targets: str = "all-linear"  # "all-linear" or a comma list of module names (q_proj,v_proj,...)
+    # optimizer (AdamW, constant learning rate, as in the blog)
+    lr: float = 1e-4
+    lr_b_mult: float = 1.0  # learning rate of LoRA B over that of A
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # data
+    task: str = "arith"  # arith | gsm8k | math (see rlora.data.TASKS)
+    train_data: str = ""  # local JSONL in the Hub schema, or a Hub dataset name; "" = the task's default
+    arith_max: int = 9  # synthetic arithmetic: operands drawn from 1..arith_max
+    # sampling
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_tokens: int = 64
+    temperature: float = 1.0
+    # loss
+    advantage: str = "center"  # center | center_std (see rlora.advantages.ADVANTAGES)
+    loss: str = "tis"  # is | tis | reinforce (see rlora.losses.LOSSES)
+    is_cap: float = 2.0  # C of truncated importance sampling
+    loss_norm: str = "tokens"  # tokens | constant (see rlora.losses.NORMALIZERS)
+    loss_norm_constant: float = 0.0  # N for loss_norm=constant; 0 = prompts * group * max_tokens
+    micro_batch: int = 16  # sequences per forward/backward; bounds learner memory
+    # run
+    max_steps: int = 20
+    seed: int = 0
+    run_dir: str = ""  # "" = runs/<preset>-<time>
+    checkpoint_every: int = 5
+    # devices and precision
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "bfloat16"  # engine weights and learner compute (learner master weights stay float32)
+    kv_cache_gib: float = 1.0  # vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = 0.35  # vLLM's share of GPU memory when colocated with the learner
+    max_model_len: int = 1024
+    probe_tol: float = 0.0  # max mean |logprob| gap sampler vs learner on the probe; 0 = by dtype
+    # evaluation during training (0 = off)
+    eval_every: int = 0
+    eval_benchmarks: str = "math500,gsm8k"
+    eval_limit: int = 50
+    eval_data_dir: str = ""
+
+    def __post_init__(self) -> None:
+        check_rank(self.rank)
+        positive = ("prompts_per_step", "group_size", "max_tokens", "micro_batch", "max_model_len", "arith_max")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"config key 'lr' must be > 0, got {self.lr!r}")
+        if self.temperature <= 0:
+            raise ConfigError("config key 'temperature' must be > 0 (the importance ratio needs a sampling distribution)")
+        if self.max_steps < 0 or self.checkpoint_every < 0:
+            raise ConfigError("config keys 'max_steps' and 'checkpoint_every' must be >= 0")
+
+    @property
+    def is_full(self) -> bool:
+        return self.rank == "full"
+
+
+def check_rank(rank: int | str) -> None:
+    if rank == "full":
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"config key 'rank' must be an integer >= 1 or 'full', got {rank!r}")
+
+
+C = TypeVar("C")
+
+
+def _coerce(key: str, value: object, annotation: object, where: str) -> object:
+    """Check `value` against a field annotation (int, float, str, bool, X | None, int | str)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {**vars(typing), "None": None})  # `from __future__ import annotations`
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"config key {key!r}{where} may not be null")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if option is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"config key {key!r}{where} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type[C], data: dict[str, object], where: str = "") -> C:
+    """Build a config from a flat mapping; unknown keys and wrong types raise ConfigError."""
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}{where}; known keys: {', '.join(sorted(known))}")
+    values = {k: _coerce(k, v, known[k].type, where) for k, v in data.items()}
+    return cls(**values)  # type: ignore[call-arg]
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, object]:
+    """`key=value` strings; values are read as YAML scalars (1e-4, true, full, null)."""
+    out: dict[str, object] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, object]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
+        raise ConfigError(f"config file {path} must be a flat mapping of key: scalar")
+    return data
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    data: dict[str, object] = {}
+    if path is not None:
+        data.update(load_yaml(path))
+        from_dict(cls, data, where=f" in {path}")  # fail on the file's own keys first, naming the file
+    data.update(parse_overrides(overrides or []))
+    return from_dict(cls, data, where=" (from the command line)" if overrides else "")
+
+
+def to_dict(cfg: object) -> dict[str, object]:
+    return dataclasses.asdict(cfg)  # type: ignore[arg-type]
+
+
+def save_config(cfg: object, path: Path) -> None:
+    path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def read_config(cls: type[C], path: Path) -> C:
+    return from_dict(cls, json.loads(path.read_text()), where=f" in {path}")

@@ -1,0 +1,180 @@
+"""The learner: the only holder of mutable torch state (weights, optimizer).
+
+LoRA and FullFT share this class; they differ only in which parameters train and in what is
+handed to the sampler (an adapter directory, or the full weights).
+
+Precision: master weights and LoRA factors stay float32 and AdamW updates them in float32;
+with `dtype=bfloat16` the forward and backward run under autocast, like the bf16 engine the
+rollouts came from. For LoRA the frozen base is stored in bf16 (it never changes), which is what
+makes a rank-1 learner several times lighter than FullFT.
+
+Memory: rows are processed in micro-batches and the vocabulary projection runs only at
+completion positions, so the (tokens x 49k) logits are never built for prompt tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlora import lora
+from rlora.losses import LossFn, ratio_stats
+from rlora.types import TrainBatch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    model_path: str
+    lora: lora.LoRASpec | None  # None: full fine-tuning
+    lr: float
+    lr_b_mult: float = 1.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    micro_batch: int = 16
+    seed: int = 0
+
+
+def load_policy(spec: LearnerSpec) -> nn.Module:
+    """The HF causal LM with LoRA applied (or fully trainable), on its device."""
+    from transformers import AutoModelForCausalLM
+
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"config key 'dtype' must be one of {sorted(DTYPES)}, got {spec.dtype!r}")
+    model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
+    if spec.lora is not None:
+        model.to(DTYPES[spec.dtype])  # frozen base in compute precision
+        # Our own generator: an in-process vLLM engine reseeds the global RNGs.
+        generator = torch.Generator().manual_seed(spec.seed)
+        lora.apply_lora(model, spec.lora, generator=generator)
+    model.to(spec.device)
+    model.config.use_cache = False
+    return model
+
+
+def make_optimizer(model: nn.Module, spec: LearnerSpec) -> torch.optim.Optimizer:
+    if spec.lora is not None:
+        a_params, b_params = lora.lora_parameters(model)
+        groups = [{"params": a_params, "lr": spec.lr}, {"params": b_params, "lr": spec.lr * spec.lr_b_mult}]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": spec.lr}]
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+
+
+class Learner:
+    def __init__(self, spec: LearnerSpec) -> None:
+        self.spec = spec
+        self.model = load_policy(spec)
+        self.optimizer = make_optimizer(self.model, spec)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    # ---------------------------------------------------------------- forward
+
+    def _autocast(self) -> contextlib.AbstractContextManager[None]:
+        dtype = DTYPES[self.spec.dtype]
+        device_type = torch.device(self.spec.device).type
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=dtype)
+
+    def token_logprobs(
+        self, tokens_B_T: torch.Tensor, targets_B_T: torch.Tensor, mask_B_T: torch.Tensor, lengths_B: torch.Tensor, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(target) at masked positions, entropy there), both (N,), logits divided by T."""
+        device = self.spec.device
+        tokens_B_T, targets_B_T, mask_B_T = tokens_B_T.to(device), targets_B_T.to(device), mask_B_T.to(device)
+        T = tokens_B_T.shape[1]
+        attention_B_T = (torch.arange(T, device=device)[None, :] < lengths_B.to(device)[:, None]).long()
+        with self._autocast():
+            hidden_B_T_H = self.model.get_decoder()(input_ids=tokens_B_T, attention_mask=attention_B_T).last_hidden_state
+            on_N = mask_B_T.bool()
+            logits_N_V = self.model.get_output_embeddings()(hidden_B_T_H[on_N])
+        logprobs_N_V = (logits_N_V.float() / temperature).log_softmax(-1)
+        lp_N = logprobs_N_V.gather(-1, targets_B_T[on_N][:, None]).squeeze(-1)
+        with torch.no_grad():
+            entropy_N = -(logprobs_N_V.exp() * logprobs_N_V).sum(-1)
+        return lp_N, entropy_N
+
+    @torch.no_grad()
+    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token_t | tokens_<t) for t >= 1 at temperature 1 (the handoff probe)."""
+        tokens_1_T = torch.tensor([token_ids])
+        targets_1_T = torch.roll(tokens_1_T, -1, dims=1)
+        mask_1_T = torch.ones_like(tokens_1_T, dtype=torch.float32)
+        mask_1_T[0, -1] = 0
+        lp_N, _ = self.token_logprobs(tokens_1_T, targets_1_T, mask_1_T, torch.tensor([len(token_ids)]), 1.0)
+        return lp_N.tolist()
+
+    # ---------------------------------------------------------------- update
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> dict[str, float]:
+        """One optimizer step over the whole batch, in micro-batches; returns the step's statistics."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        B = batch.tokens_B_T.shape[0]
+        loss_sum = 0.0
+        learner_lp, sampler_lp, entropies = [], [], []
+        for start in range(0, B, self.spec.micro_batch):
+            rows = slice(start, start + self.spec.micro_batch)
+            T = int(batch.lengths_B[rows].max())  # crop padding to this micro-batch's longest row
+            mask_b_T = batch.mask_B_T[rows, :T]
+            lp_N, entropy_N = self.token_logprobs(
+                batch.tokens_B_T[rows, :T], batch.targets_B_T[rows, :T], mask_b_T, batch.lengths_B[rows], temperature
+            )
+            on = mask_b_T.bool()
+            slp_N = batch.sampler_logprobs_B_T[rows, :T][on].to(lp_N.device)
+            adv_N = batch.advantages_B[rows, None].expand_as(mask_b_T)[on].to(lp_N.device)
+            loss = loss_fn(lp_N, slp_N, adv_N, cap).sum() / norm
+            loss.backward()
+            loss_sum += loss.item()
+            learner_lp.append(lp_N.detach())
+            sampler_lp.append(slp_N)
+            entropies.append(entropy_N)
+        clip = self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        self.optimizer.step()
+        stats = ratio_stats(torch.cat(learner_lp), torch.cat(sampler_lp), cap)
+        return {"loss": loss_sum, "grad_norm": float(grad_norm), "entropy": torch.cat(entropies).mean().item(), **stats}
+
+    # ---------------------------------------------------------------- handoff and checkpoints
+
+    def write_adapter(self, path: Path) -> None:
+        assert self.spec.lora is not None
+        lora.save_peft_adapter(self.model, self.spec.lora, path, base_model=self.spec.model_path)
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full weights in checkpoint names (tied lm_head appears once, as the embedding)."""
+        for name, param in self.model.named_parameters():
+            yield name, param.detach()
+
+    def handoff(self) -> Callable[[Path], None] | Iterator[tuple[str, torch.Tensor]]:
+        return self.write_adapter if self.spec.lora is not None else self.weights()
+
+    def state(self) -> dict[str, object]:
+        return {
+            "trainable": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state(self, state: dict[str, object]) -> None:
+        trainable = state["trainable"]
+        assert isinstance(trainable, dict)
+        params = dict(self.model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in trainable]
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable parameters, e.g. {missing[0]!r}: rank or targets changed?")
+        with torch.no_grad():
+            for name, value in trainable.items():
+                if name not in params or params[name].shape != value.shape:
+                    raise ValueError(f"checkpoint parameter {name!r} does not fit this model")
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]

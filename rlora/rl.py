@@ -1,0 +1,217 @@
+"""Policy-gradient RL on math with LoRA (rank 1 upward) or full fine-tuning, as in LoRA Without Regret.
+
+One step, top to bottom:
+  1. problems   P problems for this step (a pure function of step and seed, so resumes see the same data)
+  2. sample     G completions each from the sampler (vLLM), with the sampler's own token logprobs
+  3. grade      reward = rewards.grade(completion, gold, task): 1 or 0
+  4. centre     advantage = reward - mean reward of the group (GRPO-style, no std division)
+  5. batch      groups whose rewards are all equal carry no gradient: counted, then dropped
+  6. learn      loss = -(1/N) sum over tokens of w * A, w = p_learner / p_sampler (truncated at C)
+  7. hand off   the new adapter (or full weights) goes to the running engine, then a fixed probe
+                sequence must score the same under sampler and learner, else the run stops
+
+Departures from the blog: the default loss truncates the importance weight at C = 2 (config
+`loss=is` gives the untruncated objective); rollouts are strictly on-policy (one optimizer step
+per batch), so w differs from 1 only through sampler/learner numerics, which the run logs as
+`kl_sample_train` and `ratio_*` every step.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import rewards
+from rlora import lora
+from rlora.advantages import ADVANTAGES
+from rlora.batching import build_batch
+from rlora.config import ConfigError, RLConfig, read_config, save_config
+from rlora.data import Problem, batch_for_step, load_task
+from rlora.learner import Learner, LearnerSpec
+from rlora.losses import LOSSES, NORMALIZERS
+from rlora.models import resolve_model
+from rlora.runs import RunDir
+from rlora.sampler import EngineSpec, Sampler, resolve_device
+from rlora.types import Group, Prompt, Rollout, Sample
+
+PROBE_MESSAGES = [
+    {"role": "user", "content": "What is 12 + 30? Reply with just the number."},
+    {"role": "assistant", "content": "12 + 30 = 42. So the answer is 42."},
+]
+# Max mean |log p_sampler - log p_learner| on the probe. Float32 on both sides agrees to ~1e-4;
+# bf16 kernels differ by ~0.03 nats per token on average (../shared/notes/vllm_cpu.md).
+PROBE_TOLERANCE = {"float32": 2e-3, "bfloat16": 0.1, "float16": 0.05}
+
+
+class HandoffError(RuntimeError):
+    """The sampler does not serve the policy the learner just produced."""
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def make_prompt(problem: Problem, tokenizer: object) -> Prompt:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": problem.question}], add_generation_prompt=True, tokenize=False)  # type: ignore[attr-defined]
+    ids = tokenizer.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
+    return Prompt(problem.problem_id, problem.question, tuple(ids), problem.reference, problem.task)
+
+
+def grade(prompt: Prompt, samples: list[Sample], version: int) -> Group:
+    rollouts = tuple(
+        Rollout(prompt.prompt_ids, s.completion_ids, s.sampler_logprobs, rewards.grade(s.text, prompt.reference, prompt.task), s.text)
+        for s in samples
+    )
+    return Group(prompt, rollouts, version)
+
+
+def probe_ids(tokenizer: object) -> list[int]:
+    text = tokenizer.apply_chat_template(PROBE_MESSAGES, tokenize=False)  # type: ignore[attr-defined]
+    return tokenizer.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
+
+
+def publish(learner: Learner, sampler: Sampler, version: int, probe: list[int], tol: float) -> dict[str, float]:
+    """Hand the learner's current policy to the engine and prove that the engine now serves it."""
+    start = time.perf_counter()
+    if learner.spec.lora is not None:
+        sampler.load_adapter(learner.write_adapter, version)
+    else:
+        sampler.load_weights(learner.weights(), version)
+    handoff_s = time.perf_counter() - start
+    sampler_lp = np.array(sampler.prompt_logprobs(probe))
+    learner_lp = np.array(learner.sequence_logprobs(probe))
+    gap = float(np.abs(sampler_lp - learner_lp).mean())
+    if not gap <= tol:
+        raise HandoffError(
+            f"policy v{version}: sampler and learner disagree on the probe by {gap:.4f} nats/token "
+            f"(tolerance {tol}); the engine is not serving the learner's weights"
+        )
+    return {"handoff_s": handoff_s, "probe_gap": gap, "verify_s": time.perf_counter() - start - handoff_s}
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+def lora_spec(cfg: RLConfig) -> lora.LoRASpec | None:
+    if cfg.is_full:
+        return None
+    targets = lora.TARGETS_ALL_LINEAR if cfg.lora_targets == "all-linear" else tuple(t.strip() for t in cfg.lora_targets.split(","))
+    assert isinstance(cfg.rank, int)
+    return lora.LoRASpec(cfg.rank, cfg.alpha_rule, cfg.alpha_c, cfg.lora_init, cfg.lora_init_scale, targets)
+
+
+def check_choices(cfg: RLConfig) -> None:
+    for key, table in (("advantage", ADVANTAGES), ("loss", LOSSES), ("loss_norm", NORMALIZERS), ("alpha_rule", lora.ALPHA_RULES), ("lora_init", lora.INITS)):
+        if getattr(cfg, key) not in table:
+            raise ConfigError(f"config key {key!r} must be one of {sorted(table)}, got {getattr(cfg, key)!r}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_run_dir(cfg: RLConfig, name: str) -> RunDir:
+    path = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run = RunDir(path)
+    if run.config_path.exists():
+        raise FileExistsError(f"run dir {path} already holds a run; resume it with `rlora rl --resume {path}`")
+    path.mkdir(parents=True, exist_ok=True)
+    save_config(replace(cfg, run_dir=str(path)), run.config_path)
+    return run
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
+    check_choices(cfg)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model_path = resolve_model(cfg.model)
+    problems = load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed)
+    spec = lora_spec(cfg)
+    learner = Learner(LearnerSpec(
+        model_path, spec, cfg.lr, cfg.lr_b_mult, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+        cfg.grad_clip, device, cfg.dtype, cfg.micro_batch, cfg.seed,
+    ))
+    start_step = 0
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is not None:
+        start_step, state = RunDir.load_checkpoint(checkpoint)
+        learner.load_state(state)
+    run.truncate_metrics(start_step)  # drop rows written after the checkpoint by a killed run
+    sampler = Sampler(EngineSpec(
+        model_path, device.split(":")[0], cfg.dtype, None if spec is None else spec.rank, cfg.kv_cache_gib,
+        cfg.gpu_memory_utilization, cfg.max_model_len, max(256, cfg.prompts_per_step * cfg.group_size), cfg.seed + start_step,
+    ))
+    tokenizer = sampler.tokenizer
+    probe = probe_ids(tokenizer)
+    tol = cfg.probe_tol or PROBE_TOLERANCE[cfg.dtype]
+    publish(learner, sampler, start_step, probe, tol)
+
+    advantage_fn, loss_fn = ADVANTAGES[cfg.advantage], LOSSES[cfg.loss]
+    norm_constant = cfg.loss_norm_constant or cfg.prompts_per_step * cfg.group_size * cfg.max_tokens
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)
+    for step in bar:
+        t0 = time.perf_counter()
+        prompts_P = [make_prompt(p, tokenizer) for p in batch_for_step(problems, step, cfg.prompts_per_step, cfg.seed)]
+        samples_P_G = sampler.sample(prompts_P, cfg.group_size, cfg.max_tokens, cfg.temperature)
+        t1 = time.perf_counter()
+        groups_P = [grade(p, s, sampler.version) for p, s in zip(prompts_P, samples_P_G)]
+        t2 = time.perf_counter()
+        assert all(g.policy_version == step for g in groups_P), "rollouts must come from the current policy"
+        batch = build_batch(groups_P, advantage_fn, pad_id=tokenizer.pad_token_id or 0)
+        if batch is not None:
+            norm = NORMALIZERS[cfg.loss_norm](batch.num_tokens, norm_constant)
+            stats = learner.train_step(batch, loss_fn, norm, cfg.is_cap, cfg.temperature)
+        else:  # no group had mixed rewards: nothing to learn from, the policy is unchanged
+            stats = {"loss": 0.0, "grad_norm": 0.0, "entropy": float("nan"), "ratio_mean": 1.0, "ratio_max": 1.0, "truncated_frac": 0.0, "kl_sample_train": 0.0}
+        t3 = time.perf_counter()
+        handoff = publish(learner, sampler, step + 1, probe, tol)
+        rewards_all = [r for g in groups_P for r in g.rewards_G]
+        row = {
+            "step": step,
+            "reward_mean": float(np.mean(rewards_all)),
+            "signal_groups": sum(g.has_signal for g in groups_P) / len(groups_P),
+            **stats,
+            "tokens": sum(len(r.completion_ids) for g in groups_P for r in g.rollouts),
+            "train_tokens": batch.num_tokens if batch is not None else 0,
+            "sample_s": t1 - t0,
+            "grade_s": t2 - t1,
+            "learn_s": t3 - t2,
+            **handoff,
+            "step_s": time.perf_counter() - t0,
+        }
+        run.log(row)
+        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps):
+            extra = {"adapter": learner.write_adapter} if spec is not None else {}
+            run.save_checkpoint(step + 1, learner.state(), extra)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", signal=f"{row['signal_groups']:.2f}")
+    sampler.close()
+    return run
+
+
+def run_rl(cfg: RLConfig, name: str = "rl", progress: bool = True) -> RunDir:
+    return train(cfg, new_run_dir(cfg, name), progress)
+
+
+def resume_rl(run_dir: str | Path, overrides: dict[str, object] | None = None, progress: bool = True) -> RunDir:
+    run = RunDir(run_dir)
+    if not run.config_path.exists():
+        raise FileNotFoundError(f"{run.config_path} does not exist: not a run directory")
+    cfg = read_config(RLConfig, run.config_path)
+    if overrides:
+        from rlora.config import from_dict, to_dict
+
+        cfg = from_dict(RLConfig, {**to_dict(cfg), **overrides}, where=" (resume override)")
+        save_config(cfg, run.config_path)
+    return train(cfg, run, progress)

@@ -1,0 +1,102 @@
+"""A run directory: `config.json`, `metrics.jsonl`, `checkpoints/`. Nothing is lost on a crash.
+
+- `metrics.jsonl` gets one JSON object per step, flushed and fsynced before the step's checkpoint.
+- A checkpoint is written to a temporary folder and renamed into place, then `checkpoints/latest`
+  is replaced atomically: a reader sees the old checkpoint or the new one, never half of one.
+- On resume, metrics rows from steps after the checkpoint (written before a crash) and any torn
+  last line are dropped, so every step appears exactly once however the run was killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.config_path = self.path / "config.json"
+        self.ckpt_root = self.path / "checkpoints"
+
+    # ---------------------------------------------------------------- metrics
+
+    def log(self, row: dict[str, object]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, object]]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a kill mid-write
+        return rows
+
+    def truncate_metrics(self, next_step: int) -> None:
+        """Keep only rows of steps before `next_step` (atomically rewritten)."""
+        rows = [r for r in self.read_metrics() if int(r["step"]) < next_step]  # type: ignore[call-overload]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.metrics_path)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, next_step: int, learner_state: dict[str, object], extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+        """Everything needed to continue at `next_step`: trainable weights, optimizer, RNG."""
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        final = self.ckpt_root / f"step_{next_step:06d}"
+        tmp = self.ckpt_root / f".tmp_step_{next_step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save(learner_state, tmp / "learner.pt")
+        for name, save in (extra_files or {}).items():
+            save(tmp / name)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"next_step": next_step, "time": time.time()}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = self.ckpt_root / (LATEST + ".tmp")
+        pointer.write_text(final.name)
+        os.replace(pointer, self.ckpt_root / LATEST)
+        for old in self.ckpt_root.glob("step_*"):  # keep the newest checkpoint only
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.ckpt_root / LATEST
+        if not pointer.exists():
+            return None
+        path = self.ckpt_root / pointer.read_text().strip()
+        if not (path / "state.json").exists():
+            raise FileNotFoundError(f"checkpoint pointer {pointer} names {path}, which is incomplete or missing")
+        return path
+
+    @staticmethod
+    def load_checkpoint(path: Path) -> tuple[int, dict[str, object]]:
+        next_step = int(json.loads((path / "state.json").read_text())["next_step"])
+        learner_state = torch.load(path / "learner.pt", weights_only=False)
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        return next_step, learner_state
+
