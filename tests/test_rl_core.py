@@ -1,0 +1,240 @@
+"""Fast tests of the RL step's pure stages: losses, advantages, batching, config, data, run dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlora.advantages import ADVANTAGES, center, center_std
+from rlora.batching import build_batch
+from rlora.config import ConfigError, RLConfig, from_dict, load_config, parse_overrides
+from rlora.data import DataError, arith_problems, batch_for_step, boxed_answer, gsm8k_answer, load_benchmark, read_jsonl
+from rlora.losses import LOSSES, importance_sampling, ratio_stats, reinforce, truncated_importance_sampling
+from rlora.runs import RunDir
+from rlora.types import Group, Prompt, Rollout
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _grads(loss_fn, lp_N, slp_N, adv_N, cap=2.0):
+    lp = lp_N.clone().requires_grad_(True)
+    loss_fn(lp, slp_N, adv_N, cap).sum().backward()
+    return lp.grad
+
+
+def test_on_policy_gradient_equals_reinforce():
+    """With w = 1 (sampler == learner) every IS loss has the REINFORCE gradient -A * grad log p."""
+    torch.manual_seed(0)
+    lp_N = -torch.rand(50) * 3
+    adv_N = torch.randn(50)
+    expected = _grads(reinforce, lp_N, lp_N, adv_N)
+    assert torch.allclose(expected, -adv_N)
+    for name in ("is", "tis"):
+        assert torch.allclose(_grads(LOSSES[name], lp_N, lp_N, adv_N), expected, atol=1e-6), name
+
+
+def test_importance_weight_scales_gradient_and_truncation_caps_it():
+    lp_N = torch.log(torch.tensor([0.5, 0.5, 0.5]))
+    slp_N = torch.log(torch.tensor([0.5, 0.1, 0.4]))  # w = 1, 5, 1.25
+    adv_N = torch.tensor([1.0, 1.0, -2.0])
+    w_N = torch.tensor([1.0, 5.0, 1.25])
+    g_is = _grads(importance_sampling, lp_N, slp_N, adv_N)
+    assert torch.allclose(g_is, -w_N * adv_N, atol=1e-5)
+    g_tis = _grads(truncated_importance_sampling, lp_N, slp_N, adv_N, cap=2.0)
+    assert torch.allclose(g_tis, -torch.tensor([1.0, 2.0, 1.25]) * adv_N, atol=1e-5)
+    # the reported value is the truncated objective
+    value = truncated_importance_sampling(lp_N, slp_N, adv_N, 2.0)
+    assert torch.allclose(value, -torch.tensor([1.0, 2.0, 1.25]) * adv_N, atol=1e-5)
+
+
+def test_ratio_stats():
+    lp_N = torch.log(torch.tensor([0.5, 0.5]))
+    slp_N = torch.log(torch.tensor([0.5, 0.1]))
+    stats = ratio_stats(lp_N, slp_N, cap=2.0)
+    assert stats["ratio_max"] == pytest.approx(5.0, rel=1e-5)
+    assert stats["ratio_mean"] == pytest.approx(3.0, rel=1e-5)
+    assert stats["truncated_frac"] == 0.5
+    assert stats["kl_sample_train"] == pytest.approx((0 + (5 - 1 - torch.log(torch.tensor(5.0)).item())) / 2, rel=1e-5)
+    assert ratio_stats(lp_N, lp_N, 2.0)["kl_sample_train"] == 0.0
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def test_centering():
+    r_G = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    adv_G = center(r_G)
+    assert torch.allclose(adv_G, r_G - 0.6)
+    assert adv_G.sum().abs() < 1e-6
+    assert torch.all(center(torch.ones(4)) == 0)
+    std = center_std(r_G)
+    assert std.std(unbiased=False) == pytest.approx(1.0, rel=1e-4)
+    assert set(ADVANTAGES) == {"center", "center_std"}
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def _group(prompt_ids, completions, rewards, lps=None):
+    prompt = Prompt("p", "q", tuple(prompt_ids), "1", "number")
+    rollouts = tuple(
+        Rollout(tuple(prompt_ids), tuple(c), tuple(lps[i] if lps else [-0.5] * len(c)), r, "")
+        for i, (c, r) in enumerate(zip(completions, rewards))
+    )
+    return Group(prompt, rollouts, 0)
+
+
+def test_batch_alignment_masks_prompt_and_shifts_targets():
+    g = _group([10, 11, 12], [[20, 21], [30, 31, 32, 33]], [1.0, 0.0], lps=[[-0.1, -0.2], [-1.0, -1.1, -1.2, -1.3]])
+    batch = build_batch([g], center, pad_id=0)
+    assert batch is not None
+    # sorted longest first
+    assert batch.tokens_B_T[0].tolist() == [10, 11, 12, 30, 31, 32, 33]
+    assert batch.tokens_B_T[1].tolist() == [10, 11, 12, 20, 21, 0, 0]
+    assert batch.lengths_B.tolist() == [7, 5]
+    # position t predicts token t+1; only completion tokens are scored
+    assert batch.targets_B_T[0].tolist()[:6] == [11, 12, 30, 31, 32, 33]
+    assert batch.mask_B_T[0].tolist() == [0, 0, 1, 1, 1, 1, 0]
+    assert batch.mask_B_T[1].tolist() == [0, 0, 1, 1, 0, 0, 0]
+    on = batch.mask_B_T.bool()
+    assert batch.targets_B_T[on].tolist() == [30, 31, 32, 33, 20, 21]
+    assert torch.allclose(batch.sampler_logprobs_B_T[on], torch.tensor([-1.0, -1.1, -1.2, -1.3, -0.1, -0.2]))
+    assert batch.advantages_B.tolist() == [-0.5, 0.5]
+    assert batch.num_tokens == 6
+
+
+def test_constant_groups_are_dropped():
+    flat = _group([1, 2], [[3], [4]], [1.0, 1.0])
+    mixed = _group([1, 2], [[5], [6]], [0.0, 1.0])
+    assert not flat.has_signal and mixed.has_signal
+    batch = build_batch([flat, mixed], center, pad_id=0)
+    assert batch is not None and batch.tokens_B_T.shape[0] == 2
+    assert set(batch.targets_B_T[batch.mask_B_T.bool()].tolist()) == {5, 6}
+    assert build_batch([flat], center, pad_id=0) is None
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_defaults_and_overrides():
+    cfg = load_config(RLConfig, None, ["rank=full", "lr=3e-5", "max_steps=7"])
+    assert cfg.rank == "full" and cfg.is_full and cfg.lr == 3e-5 and cfg.max_steps == 7
+    assert parse_overrides(["a=1", "b=true", "c=x"]) == {"a": 1, "b": True, "c": "x"}
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'lerning_rate'"):
+        load_config(RLConfig, None, ["lerning_rate=1"])
+    with pytest.raises(ConfigError, match="'max_steps'.*int"):
+        load_config(RLConfig, None, ["max_steps=many"])
+    with pytest.raises(ConfigError, match="'rank'"):
+        load_config(RLConfig, None, ["rank=0"])
+    with pytest.raises(ConfigError, match="'rank'"):
+        load_config(RLConfig, None, ["rank=half"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 1.0e-4\ngroup_sise: 8\n")
+    with pytest.raises(ConfigError, match=r"'group_sise' in .*bad\.yaml"):
+        load_config(RLConfig, bad)
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(RLConfig, tmp_path / "nope.yaml")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("lr:\n  a: 1\n")
+    with pytest.raises(ConfigError, match="flat"):
+        load_config(RLConfig, nested)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("rl_*.yaml")))
+def test_presets_load(preset):
+    cfg = load_config(RLConfig, REPO / "configs" / preset)
+    assert cfg.is_full == ("full" in preset)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    cfg = load_config(RLConfig, None, ["rank=4", "alpha_c=2.5"])
+    again = from_dict(RLConfig, json.loads(json.dumps(cfg.__dict__)))
+    assert again == cfg
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"question": "q", "answer": "#### 1"}\n{oops\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl:2"):
+        read_jsonl(f, ["question"])
+    f.write_text('{"question": "q"}\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl:1: missing field 'answer'"):
+        read_jsonl(f, ["question", "answer"])
+    with pytest.raises(DataError, match="does not exist"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_answer_parsing():
+    assert gsm8k_answer("so 3+4=7\n#### 1,234") == "1234"
+    assert boxed_answer(r"thus \boxed{\frac{1}{2}} and finally \boxed{\{1, 2\}}") == r"\{1, 2\}"
+    with pytest.raises(DataError):
+        gsm8k_answer("no marker")
+
+
+def test_step_batches_are_deterministic_and_cover_epochs():
+    problems = arith_problems(10, 9, seed=0)
+    assert all(str(eval(p.question.split("?")[0].replace("What is", ""))) == p.reference for p in problems)
+    assert batch_for_step(problems, 3, 4, seed=1) == batch_for_step(problems, 3, 4, seed=1)
+    epoch = [p.problem_id for s in range(5) for p in batch_for_step(problems, s, 2, seed=1)]
+    assert sorted(epoch) == sorted(p.problem_id for p in problems)  # each problem once per epoch
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+@pytest.mark.parametrize("name,count,task", [("math500", 500, "math"), ("aime24", 30, "aime"), ("aime25", 30, "aime"), ("gsm8k", 1319, "gsm8k")])
+def test_benchmarks_load_from_local_dir(name, count, task):
+    problems = load_benchmark(name, str(SHARED_DATA))
+    assert len(problems) == count and all(p.task == task and p.reference for p in problems)
+    assert len(load_benchmark(name, str(SHARED_DATA), limit=5)) == 5
+
+
+def test_unknown_benchmark_and_missing_file(tmp_path):
+    with pytest.raises(DataError, match="unknown benchmark 'math501'"):
+        load_benchmark("math501", str(tmp_path))
+    with pytest.raises(DataError, match="math500.jsonl does not exist"):
+        load_benchmark("math500", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- run dir
+
+
+def test_metrics_truncation_drops_later_steps_and_torn_lines(tmp_path):
+    run = RunDir(tmp_path)
+    for step in range(5):
+        run.log({"step": step, "reward_mean": step / 10})
+    with run.metrics_path.open("a") as f:
+        f.write('{"step": 5, "rew')  # killed mid-write
+    assert [r["step"] for r in run.read_metrics()] == [0, 1, 2, 3, 4]
+    run.truncate_metrics(3)
+    assert [r["step"] for r in run.read_metrics()] == [0, 1, 2]
+    assert run.metrics_path.read_text().endswith("\n")
+
+
+def test_checkpoint_roundtrip_and_latest_pointer(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.latest_checkpoint() is None
+    state = {"trainable": {"w": torch.ones(2)}, "optimizer": {}}
+    run.save_checkpoint(2, state)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run.save_checkpoint(4, {"trainable": {"w": torch.full((2,), 4.0)}, "optimizer": {}})
+    torch.rand(3)  # move the RNG on; loading must restore it
+    path = run.latest_checkpoint()
+    assert path is not None and path.name == "step_000004"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000004"]
+    next_step, loaded = RunDir.load_checkpoint(path)
+    assert next_step == 4 and torch.equal(loaded["trainable"]["w"], torch.full((2,), 4.0))
+    assert torch.equal(torch.rand(3), expected)
