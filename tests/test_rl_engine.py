@@ -1,0 +1,123 @@
+"""Real engine, real default model: handoff, zero adapter, one step of each arm, kill and resume.
+
+Float32 engine and learner where a tight probe is needed (they agree to ~1e-4 per token), tiny
+workloads everywhere else. Each test starts its own in-process engine (a few seconds on CPU).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlora.config import RLConfig, load_config
+from rlora.learner import Learner, LearnerSpec
+from rlora.lora import LoRASpec, lora_parameters
+from rlora.models import resolve_model
+from rlora.rl import HandoffError, probe_ids, publish, run_rl
+from rlora.sampler import EngineSpec, Sampler
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["prompts_per_step=2", "group_size=4", "max_tokens=12", "kv_cache_gib=1", "micro_batch=8"]
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    return resolve_model("default")
+
+
+def _close(sampler: Sampler) -> None:
+    sampler.close()
+    gc.collect()
+
+
+def test_lora_handoff_zero_adapter_and_stale_detection(model_path):
+    learner = Learner(LearnerSpec(model_path, LoRASpec(1), lr=1e-3, dtype="float32"))
+    sampler = Sampler(EngineSpec(model_path, "cpu", "float32", lora_rank=1, max_num_seqs=8))
+    try:
+        probe = probe_ids(sampler.tokenizer)
+        base_lp = np.array(sampler.prompt_logprobs(probe))
+        # v0: B = 0, the adapter must reproduce the base model exactly
+        publish(learner, sampler, 0, probe, tol=2e-3)
+        np.testing.assert_allclose(sampler.prompt_logprobs(probe), base_lp, atol=1e-6)
+        # v1: a real change reaches the engine: sampler moves away from base, onto the learner
+        with torch.no_grad():
+            for b in lora_parameters(learner.model)[1]:
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        stats = publish(learner, sampler, 1, probe, tol=2e-3)
+        new_lp = np.array(sampler.prompt_logprobs(probe))
+        assert np.abs(new_lp - base_lp).mean() > 0.05
+        assert stats["probe_gap"] < 2e-3 and stats["handoff_s"] < 0.5
+        # a stale engine (handoff silently skipped) is caught by the probe
+        with torch.no_grad():
+            for b in lora_parameters(learner.model)[1]:
+                b.mul_(-1)
+        sampler.load_adapter = lambda write, version: None  # type: ignore[method-assign]
+        with pytest.raises(HandoffError, match="disagree"):
+            publish(learner, sampler, 2, probe, tol=2e-3)
+    finally:
+        _close(sampler)
+
+
+def test_full_weights_handoff(model_path):
+    learner = Learner(LearnerSpec(model_path, None, lr=1e-5, dtype="float32"))
+    sampler = Sampler(EngineSpec(model_path, "cpu", "float32", lora_rank=None, max_num_seqs=8))
+    try:
+        probe = probe_ids(sampler.tokenizer)
+        base_lp = np.array(sampler.prompt_logprobs(probe))
+        with torch.no_grad():
+            w = learner.model.model.layers[3].mlp.down_proj.weight
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+        stats = publish(learner, sampler, 1, probe, tol=2e-3)
+        assert np.abs(np.array(sampler.prompt_logprobs(probe)) - base_lp).mean() > 0.01
+        assert stats["probe_gap"] < 2e-3
+    finally:
+        _close(sampler)
+
+
+@pytest.mark.parametrize("rank", ["1", "full"])
+def test_one_step_end_to_end(rank, tmp_path):
+    lr = "1e-3" if rank == "1" else "1e-5"
+    cfg = load_config(RLConfig, None, TINY + [f"rank={rank}", f"lr={lr}", "max_steps=1", "checkpoint_every=1", f"run_dir={tmp_path}"])
+    run = run_rl(cfg, progress=False)
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows] == [0]
+    for key in ("reward_mean", "signal_groups", "loss", "ratio_mean", "ratio_max", "truncated_frac", "kl_sample_train",
+                "entropy", "tokens", "sample_s", "grade_s", "learn_s", "handoff_s", "probe_gap"):
+        assert key in rows[0], key
+    assert 0.0 <= rows[0]["reward_mean"] <= 1.0 and rows[0]["tokens"] > 0
+    assert rows[0]["probe_gap"] < 0.1
+    ckpt = run.latest_checkpoint()
+    assert ckpt is not None and (ckpt / "learner.pt").exists()
+    assert (ckpt / "adapter" / "adapter_config.json").exists() == (rank == "1")
+    assert json.loads((tmp_path / "config.json").read_text())["rank"] == (1 if rank == "1" else "full")
+
+
+def test_kill_and_resume_has_each_step_once(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rlora.cli", "rl", *TINY, "rank=1", "lr=1e-3", "max_steps=4", "checkpoint_every=1", f"run_dir={run_dir}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    done = subprocess.run([sys.executable, "-m", "rlora.cli", "rl", "--resume", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
