@@ -59,13 +59,18 @@ class RunDir:
     # ---------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, next_step: int, learner_state: dict[str, object], extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
-        """Everything needed to continue at `next_step`: trainable weights, optimizer, RNG."""
+        """Everything needed to continue at `next_step`: trainable weights, optimizer, RNG.
+
+        Older checkpoints keep their policy (`trainable.pt`, and `adapter/` for LoRA) for
+        evaluation at that step, but lose the optimizer and RNG state, which only resuming needs.
+        """
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
         final = self.ckpt_root / f"step_{next_step:06d}"
         tmp = self.ckpt_root / f".tmp_step_{next_step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        torch.save(learner_state, tmp / "learner.pt")
+        torch.save(learner_state["trainable"], tmp / "trainable.pt")
+        torch.save(learner_state["optimizer"], tmp / "optimizer.pt")
         for name, save in (extra_files or {}).items():
             save(tmp / name)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -76,10 +81,19 @@ class RunDir:
         pointer = self.ckpt_root / (LATEST + ".tmp")
         pointer.write_text(final.name)
         os.replace(pointer, self.ckpt_root / LATEST)
-        for old in self.ckpt_root.glob("step_*"):  # keep the newest checkpoint only
+        for old in self.ckpt_root.glob("step_*"):
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                for name in ("optimizer.pt", "rng.pt"):
+                    (old / name).unlink(missing_ok=True)
         return final
+
+    def checkpoint_at(self, step: int) -> Path:
+        """The checkpoint written after `step` steps (its policy is the one after that many updates)."""
+        path = self.ckpt_root / f"step_{step:06d}"
+        if not (path / "trainable.pt").exists():
+            have = sorted(int(p.name[5:]) for p in self.ckpt_root.glob("step_*")) if self.ckpt_root.exists() else []
+            raise FileNotFoundError(f"{self.path} has no checkpoint at step {step}; it has steps {have}")
+        return path
 
     def latest_checkpoint(self) -> Path | None:
         pointer = self.ckpt_root / LATEST
@@ -93,7 +107,10 @@ class RunDir:
     @staticmethod
     def load_checkpoint(path: Path) -> tuple[int, dict[str, object]]:
         next_step = int(json.loads((path / "state.json").read_text())["next_step"])
-        learner_state = torch.load(path / "learner.pt", weights_only=False)
+        learner_state = {
+            "trainable": torch.load(path / "trainable.pt", weights_only=False),
+            "optimizer": torch.load(path / "optimizer.pt", weights_only=False),
+        }
         rng = torch.load(path / "rng.pt", weights_only=False)
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])

@@ -234,7 +234,10 @@ def test_checkpoint_roundtrip_and_latest_pointer(tmp_path):
     torch.rand(3)  # move the RNG on; loading must restore it
     path = run.latest_checkpoint()
     assert path is not None and path.name == "step_000004"
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000004"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000002", "step_000004"]
+    assert sorted(p.name for p in run.checkpoint_at(2).iterdir()) == ["state.json", "trainable.pt"]  # policy only
+    with pytest.raises(FileNotFoundError, match=r"steps \[2, 4\]"):
+        run.checkpoint_at(3)
     next_step, loaded = RunDir.load_checkpoint(path)
     assert next_step == 4 and torch.equal(loaded["trainable"]["w"], torch.full((2,), 4.0))
     assert torch.equal(torch.rand(3), expected)

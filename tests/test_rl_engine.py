@@ -98,7 +98,7 @@ def test_one_step_end_to_end(rank, tmp_path):
     assert 0.0 <= rows[0]["reward_mean"] <= 1.0 and rows[0]["tokens"] > 0
     assert rows[0]["probe_gap"] < 0.1
     ckpt = run.latest_checkpoint()
-    assert ckpt is not None and (ckpt / "learner.pt").exists()
+    assert ckpt is not None and (ckpt / "trainable.pt").exists() and (ckpt / "optimizer.pt").exists()
     assert (ckpt / "adapter" / "adapter_config.json").exists() == (rank == "1")
     assert json.loads((tmp_path / "config.json").read_text())["rank"] == (1 if rank == "1" else "full")
 
