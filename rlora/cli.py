@@ -33,6 +33,60 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo_main(out=args.out, steps=args.steps)
 
 
+def cmd_sft(args: argparse.Namespace) -> None:
+    from rlora.config import load_config, parse_overrides
+    from rlora.sft import SFTConfig, resume_sft, run_sft
+
+    if args.resume:
+        if args.config:
+            raise SystemExit("rlora sft: give --config or --resume, not both")
+        run = resume_sft(args.resume, parse_overrides(args.overrides))
+    else:
+        cfg = load_config(SFTConfig, args.config, args.overrides)
+        run = run_sft(cfg, name=Path(args.config).stem if args.config else "sft")
+    print(run.path)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from rlora.sweep import load_sweep, run_sweep, run_worker
+
+    sweep = load_sweep(args.config, out=args.out)
+    if args.dry_run:
+        for point in sweep.points:
+            print(point.name)
+        print(f"{len(sweep.points)} runs of kind {sweep.kind} in {sweep.out}")
+        return
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.device:  # one worker of a multi-device sweep (or a sweep pinned to one device)
+        outcome = run_worker(sweep, args.device, args.progress, log, args.budget_s)
+    else:
+        outcome = run_sweep(sweep, args.progress, log, args.budget_s)
+    print(
+        f"{sweep.out}: {len(outcome['done'])} trained, {len(outcome['skipped'])} already done or taken, "
+        f"{len(outcome['failed'])} failed, {len(outcome['left'])} left for the next invocation"
+    )
+    if outcome["failed"]:
+        print("failed (see error.txt in each): " + ", ".join(outcome["failed"]), file=sys.stderr)
+        raise SystemExit(1)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from rlora.analyze import analyze
+
+    a = analyze(args.sweep_dir, out=args.out, tol=args.tol, kind=args.kind)
+    out = Path(args.out) if args.out else Path(args.sweep_dir) / "analysis"
+    print((out / "report.md").read_text(), end="")
+    print(f"\nreport, summary.json and plots in {out}/ ({a.runs} runs)")
+
+
+def cmd_suggest_lr(args: argparse.Namespace) -> None:
+    from rlora.suggest import suggest_lr
+
+    s = suggest_lr(args.hidden_size, args.family, args.lora)
+    print(f"{s.lr:.3g}")
+    print(s.explain(), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rlora", description="RL of language models with LoRA versus full fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +105,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/demo", help="where the two runs, the table and the plots go")
     p.add_argument("--steps", type=int, default=0, help="steps per run (0 = the presets' max_steps)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning, held-out log loss: rlora sft --config configs/X.yaml key=value ... | --resume RUN_DIR")
+    p.add_argument("--config", help="flat YAML preset (configs/*.yaml)")
+    p.add_argument("--resume", help="continue a run directory from its last checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("sweep", help="a grid of sft or rl runs, one run dir each, resumable: rlora sweep --config SWEEP.yaml")
+    p.add_argument("--config", required=True, help="sweep file (configs/sweep_*.yaml)")
+    p.add_argument("--out", help="sweep directory (default: the file's `out`, else runs/<file stem>)")
+    p.add_argument("--device", help="run every point on this device in this process (how multi-device workers start)")
+    p.add_argument("--progress", action="store_true", help="a progress bar per run")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
+    p.add_argument("--budget-s", type=float, default=0.0, help="start no new run after this many seconds (0 = no limit); run again to go on")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("analyze", help="heatmaps, U-curves, best lr per rank, reusable bands and report.md of a sweep")
+    p.add_argument("sweep_dir", help="a sweep directory (its run dirs below it)")
+    p.add_argument("--out", help="folder for the report and plots (default: SWEEP_DIR/analysis)")
+    p.add_argument("--tol", type=float, help="band tolerance (sft: relative, default 0.05; rl: absolute reward, default 0.05)")
+    p.add_argument("--kind", choices=["sft", "rl"], help="default: from SWEEP_DIR/sweep.json")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("suggest-lr", help="the blog's fitted lr: base * M_LoRA * (2000 / hidden_size) ** model_pow")
+    p.add_argument("--hidden-size", type=int, required=True)
+    p.add_argument("--family", choices=["llama", "qwen"], required=True)
+    p.add_argument("--lora", action="store_true", help="LoRA (M_LoRA = 9.8) instead of FullFT (1)")
+    p.set_defaults(func=cmd_suggest_lr)
 
     args = parser.parse_args(argv)
     try:
