@@ -87,6 +87,31 @@ def cmd_suggest_lr(args: argparse.Namespace) -> None:
     print(s.explain(), file=sys.stderr)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from rlora.evaluate import EvalRequest, markdown, parse_benchmarks, recompute, resolve_policy, run_eval
+
+    if args.recompute:
+        results = {"benchmarks": recompute(Path(args.recompute) / "completions.jsonl", regrade=args.regrade)}
+        print(markdown(results), end="")
+        return
+    policy = resolve_policy(args.model, args.adapter, args.checkpoint, args.run, args.step, args.dtype)
+    req = EvalRequest(
+        policy, tuple(parse_benchmarks(args.benchmarks)), args.samples, args.temperature, args.max_tokens, args.limit,
+        args.data_dir, Path(args.out), args.device, args.kv_cache_gib, max_num_seqs=args.max_num_seqs, seed=args.seed,
+    )
+    results = run_eval(req)
+    print((Path(args.out) / "results.md").read_text(), end="")
+    rt = results["runtime"]
+    print(f"\nresults, table and completions in {args.out}/ (engine ready in {rt['engine_ready_s']:.1f} s)")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from rlora.compare import compare
+
+    print(compare(args.runs, args.out, smooth=args.smooth), end="")
+    print(f"\ntable and plots in {args.out}/")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rlora", description="RL of language models with LoRA versus full fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +158,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--family", choices=["llama", "qwen"], required=True)
     p.add_argument("--lora", action="store_true", help="LoRA (M_LoRA = 9.8) instead of FullFT (1)")
     p.set_defaults(func=cmd_suggest_lr)
+
+    p = sub.add_parser("eval", help="avg@K, pass@k on math500/aime24/aime25/gsm8k of a model, adapter or run checkpoint")
+    p.add_argument("--model", help="base model: 'default', a local folder or a Hub name (default: the run's, else 'default')")
+    p.add_argument("--adapter", help="PEFT adapter folder served on top of --model")
+    p.add_argument("--checkpoint", help="a run checkpoint folder (checkpoints/step_N): its adapter, or its full weights")
+    p.add_argument("--run", help="a run directory; with --step N its checkpoint after N updates, else the latest")
+    p.add_argument("--step", type=int, help="checkpoint step of --run")
+    p.add_argument("--benchmarks", default="math500,aime24,aime25,gsm8k", help="comma list of math500, aime24, aime25, gsm8k")
+    p.add_argument("--samples", type=int, default=4, help="K completions per problem")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per completion")
+    p.add_argument("--limit", type=int, default=0, help="first L problems of each benchmark (0 = all)")
+    p.add_argument("--data-dir", default="", help="folder with math500.jsonl, aime24.jsonl, aime25.jsonl, gsm8k_test.jsonl (default: the Hub)")
+    p.add_argument("--out", default="eval", help="folder for results.json, results.md, completions.jsonl")
+    p.add_argument("--dtype", help="engine dtype (default: the run's, else bfloat16)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM KV cache on CPU")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine runs at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recompute", metavar="OUT", help="print the table again from OUT/completions.jsonl (no sampling)")
+    p.add_argument("--regrade", action="store_true", help="with --recompute: grade the saved completions again")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="runs side by side: one table and one set of plots")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", required=True, help="folder for compare.md and the PNGs")
+    p.add_argument("--smooth", type=int, default=1, help="moving average of the training reward over this many steps")
+    p.set_defaults(func=cmd_compare)
 
     args = parser.parse_args(argv)
     try:

@@ -35,6 +35,7 @@ from rlora.advantages import ADVANTAGES
 from rlora.batching import build_batch
 from rlora.config import ConfigError, RLConfig, read_config, save_config
 from rlora.data import Problem, batch_for_step, load_task
+from rlora.evaluate import eval_policy, load_benchmarks, parse_benchmarks
 from rlora.learner import Learner, LearnerSpec
 from rlora.losses import LOSSES, NORMALIZERS
 from rlora.models import resolve_model
@@ -138,6 +139,8 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     device = resolve_device(cfg.device)
     model_path = resolve_model(cfg.model)
     problems = load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed)
+    # periodic eval: one greedy sample per problem (rlora.evaluate.eval_policy); loaded now so a bad name fails first
+    eval_sets = load_benchmarks(parse_benchmarks(cfg.eval_benchmarks), cfg.eval_limit, cfg.eval_data_dir) if cfg.eval_every else {}
     spec = lora_spec(cfg)
     learner = Learner(LearnerSpec(
         model_path, spec, cfg.lr, cfg.lr_b_mult, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
@@ -162,6 +165,8 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     norm_constant = cfg.loss_norm_constant or cfg.prompts_per_step * cfg.group_size * cfg.max_tokens
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)
     for step in bar:
+        # policy v{step}, which this step samples from and checkpoint step_{step} holds
+        evals = eval_policy(sampler, eval_sets, cfg.max_tokens, run.path / "eval" / f"step_{step:06d}") if eval_sets and step % cfg.eval_every == 0 else {}
         t0 = time.perf_counter()
         prompts_P = [make_prompt(p, tokenizer) for p in batch_for_step(problems, step, cfg.prompts_per_step, cfg.seed)]
         samples_P_G = sampler.sample(prompts_P, cfg.group_size, cfg.max_tokens, cfg.temperature)
@@ -190,12 +195,15 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
             "learn_s": t3 - t2,
             **handoff,
             "step_s": time.perf_counter() - t0,
+            **evals,
         }
         run.log(row)
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps):
             extra = {"adapter": learner.write_adapter} if spec is not None else {}
             run.save_checkpoint(step + 1, learner.state(), extra)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", signal=f"{row['signal_groups']:.2f}")
+    if eval_sets:  # the final policy (checkpoint step_<max_steps>) gets a row of its own
+        run.log({"step": cfg.max_steps, **eval_policy(sampler, eval_sets, cfg.max_tokens, run.path / "eval" / f"step_{cfg.max_steps:06d}")})
     sampler.close()
     return run
 
