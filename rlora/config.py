@@ -68,7 +68,7 @@ class RLConfig:
     kv_cache_gib: float = 1.0  # vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.35  # vLLM's share of GPU memory when colocated with the learner
     max_model_len: int = 1024
-    probe_tol: float = 0.0  # max mean |logprob| gap sampler vs learner on the probe; 0 = by dtype
+    probe_tol: float = 0.0  # engine/learner numeric noise on the handoff probe (nats/token); 0 = by dtype
     # evaluation during training (0 = off)
     eval_every: int = 0
     eval_benchmarks: str = "math500,gsm8k"

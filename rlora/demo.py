@@ -39,7 +39,7 @@ def summarize(runs: dict[str, RunDir]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, run in runs.items():
-        rows = run.read_metrics()
+        rows = [r for r in run.read_metrics() if "reward_mean" in r]  # eval-only rows carry no training stats
         cfg = json.loads(run.config_path.read_text())
         col = lambda k: np.array([float(r[k]) for r in rows])  # noqa: E731
         lines.append(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -47,10 +47,10 @@ PROBE_MESSAGES = [
     {"role": "user", "content": "What is 12 + 30? Reply with just the number."},
     {"role": "assistant", "content": "12 + 30 = 42. So the answer is 42."},
 ]
-# Max mean |log p_sampler - log p_learner| on the probe. Float32 on both sides agrees to ~1e-4;
-# bf16 kernels differ by ~0.03 nats per token on average (../shared/notes/vllm_cpu.md).
-PROBE_TOLERANCE = {"float32": 2e-3, "bfloat16": 0.1, "float16": 0.05}
-
+# Per-token noise between engine and learner on the probe (mean |log p_sampler - log p_learner|):
+# float32 on both sides agrees to ~1e-4; bf16 kernels differ by ~0.03-0.07 nats per token, more on
+# a sharpened policy (../shared/notes/vllm_cpu.md and our runs). See `publish` for how it is used.
+PROBE_NOISE = {"float32": 2e-3, "bfloat16": 0.1, "float16": 0.05}
 
 class HandoffError(RuntimeError):
     """The sampler does not serve the policy the learner just produced."""
@@ -78,23 +78,50 @@ def probe_ids(tokenizer: object) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
 
 
-def publish(learner: Learner, sampler: Sampler, version: int, probe: list[int], tol: float) -> dict[str, float]:
-    """Hand the learner's current policy to the engine and prove that the engine now serves it."""
+@dataclass
+class Probe:
+    """A fixed sequence scored after every handoff, and the learner's scores of the previous policy."""
+
+    token_ids: list[int]
+    noise: float  # expected engine/learner gap from numerics alone (PROBE_NOISE or probe_tol)
+    previous_lp: np.ndarray | None = None
+
+
+def publish(learner: Learner, sampler: Sampler, version: int, probe: Probe) -> dict[str, float]:
+    """Hand the learner's current policy to the engine and prove that the engine now serves it.
+
+    Two checks on the probe's per-token logprobs: the engine must agree with the learner within
+    5x the numeric noise (a wrong or missing adapter is far off), and, whenever the policy moved
+    by more than twice the noise since the last handoff, the engine must be closer to the new
+    policy than to the previous one (a stale engine is closer to the previous one). In float32
+    the first check alone is already tight; in bf16 the second catches staleness that hides
+    inside the numeric noise of a single comparison.
+    """
     start = time.perf_counter()
     if learner.spec.lora is not None:
         sampler.load_adapter(learner.write_adapter, version)
     else:
         sampler.load_weights(learner.weights(), version)
     handoff_s = time.perf_counter() - start
-    sampler_lp = np.array(sampler.prompt_logprobs(probe))
-    learner_lp = np.array(learner.sequence_logprobs(probe))
+    sampler_lp = np.array(sampler.prompt_logprobs(probe.token_ids))
+    learner_lp = np.array(learner.sequence_logprobs(probe.token_ids))
     gap = float(np.abs(sampler_lp - learner_lp).mean())
-    if not gap <= tol:
+    if not gap <= 5 * probe.noise:
         raise HandoffError(
             f"policy v{version}: sampler and learner disagree on the probe by {gap:.4f} nats/token "
-            f"(tolerance {tol}); the engine is not serving the learner's weights"
+            f"(limit {5 * probe.noise:g}); the engine is not serving the learner's weights"
         )
-    return {"handoff_s": handoff_s, "probe_gap": gap, "verify_s": time.perf_counter() - start - handoff_s}
+    shift = 0.0
+    if probe.previous_lp is not None:
+        shift = float(np.abs(learner_lp - probe.previous_lp).mean())
+        stale_gap = float(np.abs(sampler_lp - probe.previous_lp).mean())
+        if shift > 2 * probe.noise and not gap < stale_gap:
+            raise HandoffError(
+                f"policy v{version}: the sampler disagrees with the learner by {gap:.4f} nats/token but only by "
+                f"{stale_gap:.4f} with the previous policy (which moved {shift:.4f}): the engine serves a stale policy"
+            )
+    probe.previous_lp = learner_lp
+    return {"handoff_s": handoff_s, "probe_gap": gap, "probe_shift": shift, "verify_s": time.perf_counter() - start - handoff_s}
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -157,9 +184,8 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
         cfg.gpu_memory_utilization, cfg.max_model_len, max(256, cfg.prompts_per_step * cfg.group_size), cfg.seed + start_step,
     ))
     tokenizer = sampler.tokenizer
-    probe = probe_ids(tokenizer)
-    tol = cfg.probe_tol or PROBE_TOLERANCE[cfg.dtype]
-    publish(learner, sampler, start_step, probe, tol)
+    probe = Probe(probe_ids(tokenizer), cfg.probe_tol or PROBE_NOISE[cfg.dtype])
+    publish(learner, sampler, start_step, probe)
 
     advantage_fn, loss_fn = ADVANTAGES[cfg.advantage], LOSSES[cfg.loss]
     norm_constant = cfg.loss_norm_constant or cfg.prompts_per_step * cfg.group_size * cfg.max_tokens
@@ -181,7 +207,7 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
         else:  # no group had mixed rewards: nothing to learn from, the policy is unchanged
             stats = {"loss": 0.0, "grad_norm": 0.0, "entropy": float("nan"), "ratio_mean": 1.0, "ratio_max": 1.0, "truncated_frac": 0.0, "kl_sample_train": 0.0}
         t3 = time.perf_counter()
-        handoff = publish(learner, sampler, step + 1, probe, tol)
+        handoff = publish(learner, sampler, step + 1, probe)
         rewards_all = [r for g in groups_P for r in g.rewards_G]
         row = {
             "step": step,

@@ -23,7 +23,7 @@ from rlora.config import RLConfig, load_config
 from rlora.learner import Learner, LearnerSpec
 from rlora.lora import LoRASpec, lora_parameters
 from rlora.models import resolve_model
-from rlora.rl import HandoffError, probe_ids, publish, run_rl
+from rlora.rl import HandoffError, Probe, probe_ids, publish, run_rl
 from rlora.sampler import EngineSpec, Sampler
 
 pytestmark = pytest.mark.slow
@@ -45,26 +45,32 @@ def test_lora_handoff_zero_adapter_and_stale_detection(model_path):
     learner = Learner(LearnerSpec(model_path, LoRASpec(1), lr=1e-3, dtype="float32"))
     sampler = Sampler(EngineSpec(model_path, "cpu", "float32", lora_rank=1, max_num_seqs=8))
     try:
-        probe = probe_ids(sampler.tokenizer)
-        base_lp = np.array(sampler.prompt_logprobs(probe))
+        probe = Probe(probe_ids(sampler.tokenizer), noise=2e-3)
+        base_lp = np.array(sampler.prompt_logprobs(probe.token_ids))
         # v0: B = 0, the adapter must reproduce the base model exactly
-        publish(learner, sampler, 0, probe, tol=2e-3)
-        np.testing.assert_allclose(sampler.prompt_logprobs(probe), base_lp, atol=1e-6)
+        publish(learner, sampler, 0, probe)
+        np.testing.assert_allclose(sampler.prompt_logprobs(probe.token_ids), base_lp, atol=1e-6)
         # v1: a real change reaches the engine: sampler moves away from base, onto the learner
         with torch.no_grad():
             for b in lora_parameters(learner.model)[1]:
                 b.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-        stats = publish(learner, sampler, 1, probe, tol=2e-3)
-        new_lp = np.array(sampler.prompt_logprobs(probe))
+        stats = publish(learner, sampler, 1, probe)
+        new_lp = np.array(sampler.prompt_logprobs(probe.token_ids))
         assert np.abs(new_lp - base_lp).mean() > 0.05
-        assert stats["probe_gap"] < 2e-3 and stats["handoff_s"] < 0.5
+        assert stats["probe_gap"] < 2e-3 and stats["probe_shift"] > 0.05 and stats["handoff_s"] < 0.5
         # a stale engine (handoff silently skipped) is caught by the probe
         with torch.no_grad():
             for b in lora_parameters(learner.model)[1]:
                 b.mul_(-1)
         sampler.load_adapter = lambda write, version: None  # type: ignore[method-assign]
         with pytest.raises(HandoffError, match="disagree"):
-            publish(learner, sampler, 2, probe, tol=2e-3)
+            publish(learner, sampler, 2, probe)
+        # with a noise level too loose for the first check, the stale test still catches it
+        # noise set to a third of the real policy shift: the disagreement check passes, the stale check must not
+        shift = np.abs(np.array(learner.sequence_logprobs(probe.token_ids)) - probe.previous_lp).mean()
+        loose = Probe(probe.token_ids, noise=shift / 3, previous_lp=probe.previous_lp)
+        with pytest.raises(HandoffError, match="stale"):
+            publish(learner, sampler, 3, loose)
     finally:
         _close(sampler)
 
@@ -73,13 +79,13 @@ def test_full_weights_handoff(model_path):
     learner = Learner(LearnerSpec(model_path, None, lr=1e-5, dtype="float32"))
     sampler = Sampler(EngineSpec(model_path, "cpu", "float32", lora_rank=None, max_num_seqs=8))
     try:
-        probe = probe_ids(sampler.tokenizer)
-        base_lp = np.array(sampler.prompt_logprobs(probe))
+        probe = Probe(probe_ids(sampler.tokenizer), noise=2e-3)
+        base_lp = np.array(sampler.prompt_logprobs(probe.token_ids))
         with torch.no_grad():
             w = learner.model.model.layers[3].mlp.down_proj.weight
             w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
-        stats = publish(learner, sampler, 1, probe, tol=2e-3)
-        assert np.abs(np.array(sampler.prompt_logprobs(probe)) - base_lp).mean() > 0.01
+        stats = publish(learner, sampler, 1, probe)
+        assert np.abs(np.array(sampler.prompt_logprobs(probe.token_ids)) - base_lp).mean() > 0.01
         assert stats["probe_gap"] < 2e-3
     finally:
         _close(sampler)
