@@ -21,8 +21,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +32,13 @@ import rewards
 from rlora import lora
 from rlora.advantages import ADVANTAGES
 from rlora.batching import build_batch
-from rlora.config import ConfigError, RLConfig, read_config, save_config
+from rlora.config import ConfigError, RLConfig
 from rlora.data import Problem, batch_for_step, load_task
 from rlora.evaluate import eval_policy, load_benchmarks, parse_benchmarks
 from rlora.learner import Learner, LearnerSpec
 from rlora.losses import LOSSES, NORMALIZERS
 from rlora.models import resolve_model
-from rlora.runs import RunDir
+from rlora.runs import RunDir, create_run, reopen_run
 from rlora.sampler import EngineSpec, Sampler, resolve_device
 from rlora.types import Group, Prompt, Rollout, Sample
 
@@ -147,16 +146,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def new_run_dir(cfg: RLConfig, name: str) -> RunDir:
-    path = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-    run = RunDir(path)
-    if run.config_path.exists():
-        raise FileExistsError(f"run dir {path} already holds a run; resume it with `rlora rl --resume {path}`")
-    path.mkdir(parents=True, exist_ok=True)
-    save_config(replace(cfg, run_dir=str(path)), run.config_path)
-    return run
-
-
 # ------------------------------------------------------------------------------------ the loop
 
 
@@ -235,17 +224,9 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
 
 
 def run_rl(cfg: RLConfig, name: str = "rl", progress: bool = True) -> RunDir:
-    return train(cfg, new_run_dir(cfg, name), progress)
+    return train(cfg, create_run(cfg, name, "rl"), progress)
 
 
 def resume_rl(run_dir: str | Path, overrides: dict[str, object] | None = None, progress: bool = True) -> RunDir:
-    run = RunDir(run_dir)
-    if not run.config_path.exists():
-        raise FileNotFoundError(f"{run.config_path} does not exist: not a run directory")
-    cfg = read_config(RLConfig, run.config_path)
-    if overrides:
-        from rlora.config import from_dict, to_dict
-
-        cfg = from_dict(RLConfig, {**to_dict(cfg), **overrides}, where=" (resume override)")
-        save_config(cfg, run.config_path)
+    cfg, run = reopen_run(RLConfig, run_dir, overrides)
     return train(cfg, run, progress)

@@ -14,13 +14,16 @@ import os
 import random
 import shutil
 import time
+from datetime import datetime
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 LATEST = "latest"
+C = TypeVar("C")
 
 
 class RunDir:
@@ -117,3 +120,33 @@ class RunDir:
         torch.set_rng_state(rng["torch"])
         return next_step, learner_state
 
+
+
+def create_run(cfg: C, name: str, command: str) -> RunDir:
+    """A new run directory (cfg.run_dir, or runs/<name>-<time>) holding the resolved config."""
+    from dataclasses import replace
+
+    from rlora.config import save_config
+
+    run_dir = getattr(cfg, "run_dir")
+    path = Path(run_dir) if run_dir else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run = RunDir(path)
+    if run.config_path.exists():
+        raise FileExistsError(f"run dir {path} already holds a run; resume it with `rlora {command} --resume {path}`")
+    path.mkdir(parents=True, exist_ok=True)
+    save_config(replace(cfg, run_dir=str(path)), run.config_path)  # type: ignore[type-var]
+    return run
+
+
+def reopen_run(cls: type[C], run_dir: str | Path, overrides: dict[str, object] | None = None) -> tuple[C, RunDir]:
+    """An existing run's config (with overrides applied and saved) and its directory."""
+    from rlora.config import from_dict, read_config, save_config, to_dict
+
+    run = RunDir(run_dir)
+    if not run.config_path.exists():
+        raise FileNotFoundError(f"{run.config_path} does not exist: not a run directory")
+    cfg = read_config(cls, run.config_path)
+    if overrides:
+        cfg = from_dict(cls, {**to_dict(cfg), **overrides}, where=" (resume override)")
+        save_config(cfg, run.config_path)
+    return cfg, run

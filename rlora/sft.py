@@ -29,19 +29,18 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from rlora import lora
-from rlora.config import ConfigError, check_rank, from_dict, read_config, save_config, to_dict
+from rlora.config import ConfigError, check_rank
 from rlora.data import DataError, load_rows
 from rlora.learner import DTYPES, Learner, LearnerSpec
 from rlora.models import resolve_model
-from rlora.runs import RunDir
+from rlora.runs import RunDir, create_run, reopen_run
 from rlora.sampler import resolve_device
 
 Messages = list[dict[str, str]]
@@ -400,16 +399,6 @@ def lora_spec(cfg: SFTConfig) -> lora.LoRASpec | None:
     return lora.LoRASpec(cfg.rank, cfg.alpha_rule, cfg.alpha_c, cfg.lora_init, cfg.lora_init_scale, targets)
 
 
-def new_run_dir(cfg: SFTConfig, name: str) -> RunDir:
-    path = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-    run = RunDir(path)
-    if run.config_path.exists():
-        raise FileExistsError(f"run dir {path} already holds a run; resume it with `rlora sft --resume {path}`")
-    path.mkdir(parents=True, exist_ok=True)
-    save_config(replace(cfg, run_dir=str(path)), run.config_path)
-    return run
-
-
 def train(cfg: SFTConfig, run: RunDir, progress: bool = True) -> RunDir:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -461,15 +450,9 @@ def train(cfg: SFTConfig, run: RunDir, progress: bool = True) -> RunDir:
 
 
 def run_sft(cfg: SFTConfig, name: str = "sft", progress: bool = True) -> RunDir:
-    return train(cfg, new_run_dir(cfg, name), progress)
+    return train(cfg, create_run(cfg, name, "sft"), progress)
 
 
 def resume_sft(run_dir: str | Path, overrides: dict[str, object] | None = None, progress: bool = True) -> RunDir:
-    run = RunDir(run_dir)
-    if not run.config_path.exists():
-        raise FileNotFoundError(f"{run.config_path} does not exist: not a run directory")
-    cfg = read_config(SFTConfig, run.config_path)
-    if overrides:
-        cfg = from_dict(SFTConfig, {**to_dict(cfg), **overrides}, where=" (resume override)")
-        save_config(cfg, run.config_path)
+    cfg, run = reopen_run(SFTConfig, run_dir, overrides)
     return train(cfg, run, progress)
