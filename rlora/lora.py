@@ -240,9 +240,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        # In float32 whatever the base dtype, then cast back: a bf16 base gets a bf16 output.
-        delta = nn.functional.linear(nn.functional.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return y + (self.scale * delta).to(y.dtype)
+        # The factors (float32 masters) are cast to the activations' dtype, never x to theirs: a
+        # cast copy of x would be saved for backward beside the base layer's own, doubling the
+        # activation memory of every wrapped layer. addmm adds scale * (x A^T) B^T into y in one
+        # pass instead of three elementwise ones over (tokens x d_out).
+        h = nn.functional.linear(x, self.lora_A.to(x.dtype))
+        y2 = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]).to(y.dtype), self.lora_B.to(y.dtype).t(), alpha=self.scale)
+        return y2.view_as(y)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"
