@@ -1,0 +1,263 @@
+"""Learner-to-sampler handoff: seconds per policy version, and its share of a real RL step.
+
+Arms: LoRA rank 1, 8, 64 and FullFT, bf16 engine and learner (the demo's precision).
+
+Two measurements per arm, each in its own process (a fresh in-process vLLM engine; one at a time):
+  handoff   a `Learner` and a `Sampler` side by side; before each version the trainable weights
+            move a little (LoRA B, or every FullFT weight, plus small noise) so every version is a
+            real change, then `rlora.rl.publish` hands it over and checks it on the probe:
+            handoff_s (write the adapter + add_lora, or reload_weights + prefix-cache reset),
+            verify_s (probe scored by both sides), probe_gap. One warm-up version, then the
+            median of `--reps`.
+  step      a real run: `rlora.rl.run_rl` with the demo preset (`configs/rl_cpu_demo_lora_r1.yaml`
+            with `rank=R` for LoRA, `configs/rl_cpu_demo_full.yaml` for FullFT), `max_steps=3`,
+            no checkpoints; from its metrics.jsonl the median step_s and handoff_s of the steps
+            after step 0 (step 0 carries the engine's and the learner's first-call warm-up).
+The share is handoff_s / step_s within the same run; verify_s (the probe check) is reported
+apart, since it is a safety check rather than the transfer itself.
+
+Run it under the machine's heavy-job lock:
+    flock /tmp/rlora-heavy.lock .venv/bin/python scripts/bench_handoff.py --out bench_handoff.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = {"lora": REPO / "configs" / "rl_cpu_demo_lora_r1.yaml", "full": REPO / "configs" / "rl_cpu_demo_full.yaml"}
+ARMS = ("r1", "r8", "r64", "full")
+TARGET_SECONDS = 0.5
+TARGET_SHARE = 0.05
+RESULT_MARKER = "RLORA_BENCH_RESULT "
+
+
+def arm_rank(arm: str) -> int | None:
+    """"r8" -> 8, "full" -> None."""
+    return None if arm == "full" else int(arm.removeprefix("r"))
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str
+    """"handoff" (publish micro-benchmark) or "step" (a real run_rl)."""
+    arm: str
+    """r1 | r8 | r64 | full"""
+    reps: int
+    """handoff: timed versions after one warm-up; step: max_steps."""
+    quick: bool
+    """Tiny step workload (2 prompts x 2 samples x 8 tokens) for a smoke run."""
+
+
+@dataclass(frozen=True)
+class HandoffResult:
+    arm: str
+    payload_mb: float
+    """Bytes handed over per version: the adapter file, or every weight as the learner holds it."""
+    handoff_s: list[float]
+    verify_s: list[float]
+    probe_gap: list[float]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    arm: str
+    rows: list[dict[str, float]]
+    """Per step: step_s, sample_s, grade_s, learn_s, handoff_s, verify_s."""
+
+    def timed(self, key: str) -> float:
+        """Median over the steps after step 0 (all steps if there is only one)."""
+        rows = self.rows[1:] or self.rows
+        return statistics.median(r[key] for r in rows)
+
+
+# ------------------------------------------------------------------------------------ workers
+
+
+def publisher(learner: object, sampler: object) -> Callable[[int], dict[str, float]]:
+    """`rlora.rl.publish` bound to this learner, sampler and the bf16 probe, for either of its signatures.
+
+    publish(learner, sampler, version, probe_ids, tol) became publish(learner, sampler, version,
+    Probe(probe_ids, noise)) when the probe gained its staleness check; both are timed the same way.
+    """
+    from rlora import rl
+
+    ids = rl.probe_ids(sampler.tokenizer)  # type: ignore[attr-defined]
+    if hasattr(rl, "Probe"):
+        probe = rl.Probe(ids, rl.PROBE_NOISE["bfloat16"])
+        return lambda version: rl.publish(learner, sampler, version, probe)  # type: ignore[arg-type]
+    tol = rl.PROBE_TOLERANCE["bfloat16"]  # type: ignore[attr-defined]
+    return lambda version: rl.publish(learner, sampler, version, ids, tol)  # type: ignore[arg-type, call-arg]
+
+
+def run_handoff(job: Job) -> HandoffResult:
+    import torch
+
+    from rlora import lora
+    from rlora.learner import Learner, LearnerSpec
+    from rlora.models import resolve_model
+    from rlora.sampler import EngineSpec, Sampler
+
+    model_path = resolve_model("default")
+    rank = arm_rank(job.arm)
+    spec = lora.LoRASpec(rank) if rank is not None else None
+    learner = Learner(LearnerSpec(model_path, spec, lr=1e-4, dtype="bfloat16"))
+    sampler = Sampler(EngineSpec(model_path, "cpu", "bfloat16", lora_rank=rank, max_num_seqs=16))
+    publish = publisher(learner, sampler)
+    trainable = lora.lora_parameters(learner.model)[1] if spec is not None else learner.trainable
+    generator = torch.Generator().manual_seed(0)
+
+    def nudge() -> None:
+        """A new policy: LoRA B or every FullFT weight moves by a small relative amount."""
+        with torch.no_grad():
+            for p in trainable:
+                scale = 1e-3 if spec is not None else 1e-3 * float(p.abs().mean())
+                p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+    stats = []
+    for version in range(job.reps + 1):
+        nudge()
+        stats.append(publish(version))
+    stats = stats[1:]  # version 0 is the warm-up
+    if spec is not None:
+        adapter = Path(sampler._lora.lora_path) / lora.WEIGHTS_FILE  # the live version's file
+        payload = adapter.stat().st_size
+    else:
+        payload = sum(p.numel() * p.element_size() for _, p in learner.weights())
+    sampler.close()
+    return HandoffResult(job.arm, payload / 1e6, [s["handoff_s"] for s in stats], [s["verify_s"] for s in stats], [s["probe_gap"] for s in stats])
+
+
+def run_step(job: Job) -> StepResult:
+    from rlora.config import RLConfig, load_config
+    from rlora.rl import run_rl
+
+    rank = arm_rank(job.arm)
+    preset = PRESETS["full"] if rank is None else PRESETS["lora"]
+    with tempfile.TemporaryDirectory(prefix="rlora-bench-handoff-") as tmp:
+        overrides = [f"max_steps={job.reps}", "checkpoint_every=0", f"run_dir={tmp}/run"]
+        overrides += [] if rank is None else [f"rank={rank}"]
+        if job.quick:
+            overrides += ["prompts_per_step=2", "group_size=2", "max_tokens=8"]
+        run = run_rl(load_config(RLConfig, preset, overrides), progress=False)
+        keys = ("step_s", "sample_s", "grade_s", "learn_s", "handoff_s", "verify_s")
+        rows = [{k: float(r[k]) for k in keys} for r in run.read_metrics()]  # type: ignore[arg-type]
+    return StepResult(job.arm, rows)
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker: this checkout first on the import path.
+
+    A worker's sys.path[0] is scripts/, so without this `rlora` and `rewards` come from however
+    the package was installed (an editable install made before rewards/__init__.py existed
+    serves `rewards` as an empty namespace package).
+    """
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
+def run_in_subprocess(job: Job) -> HandoffResult | StepResult:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(asdict(job))], capture_output=True, text=True, cwd=REPO, env=worker_env())
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"{job.kind} {job.arm}: worker failed with exit code {proc.returncode}")
+    data = json.loads(lines[-1][len(RESULT_MARKER) :])
+    return HandoffResult(**data) if job.kind == "handoff" else StepResult(**data)
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def format_table(handoffs: dict[str, HandoffResult], steps: dict[str, StepResult]) -> str:
+    rows = [
+        "| arm | payload MB | handoff s (median) | handoff s (max) | verify s | probe gap | step s | handoff s in run | share of step | share with verify |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for arm, h in handoffs.items():
+        s = steps.get(arm)
+        step_cols = (
+            f"{s.timed('step_s'):.1f} | {s.timed('handoff_s'):.3f} | {s.timed('handoff_s') / s.timed('step_s'):.2%} "
+            f"| {(s.timed('handoff_s') + s.timed('verify_s')) / s.timed('step_s'):.2%}"
+        ) if s else "| | |"
+        rows.append(
+            f"| {arm} | {h.payload_mb:.2f} | {statistics.median(h.handoff_s):.3f} | {max(h.handoff_s):.3f} "
+            f"| {statistics.median(h.verify_s):.3f} | {statistics.median(h.probe_gap):.4f} | {step_cols} |"
+        )
+    return "\n".join(rows)
+
+
+def step_breakdown(steps: dict[str, StepResult]) -> str:
+    rows = ["| arm | step | step s | sample s | grade s | learn s | handoff s | verify s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arm, s in steps.items():
+        for i, r in enumerate(s.rows):
+            rows.append(
+                f"| {arm} | {i} | {r['step_s']:.2f} | {r['sample_s']:.2f} | {r['grade_s']:.3f} | {r['learn_s']:.2f} "
+                f"| {r['handoff_s']:.3f} | {r['verify_s']:.3f} |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run: two versions, one tiny step")
+    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--reps", type=int, default=5, help="timed handoffs per arm after one warm-up")
+    parser.add_argument("--steps", type=int, default=3, help="max_steps of the real run per arm")
+    parser.add_argument("--no-steps", action="store_true", help="skip the real RL runs")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        job = Job(**json.loads(args.worker))
+        result = run_handoff(job) if job.kind == "handoff" else run_step(job)
+        print(RESULT_MARKER + json.dumps(asdict(result)), flush=True)
+        return
+
+    reps, n_steps = (1, 2) if args.quick else (args.reps, args.steps)
+    fast_lora = os.environ.get("RLORA_FAST_LORA", "1 (default)")
+    print(f"arms {', '.join(args.arms)}; bf16; {reps} handoffs after a warm-up; real runs of {n_steps} steps; RLORA_FAST_LORA={fast_lora}", flush=True)
+    handoffs: dict[str, HandoffResult] = {}
+    steps: dict[str, StepResult] = {}
+    for arm in args.arms:
+        h = run_in_subprocess(Job("handoff", arm, reps, args.quick))
+        assert isinstance(h, HandoffResult)
+        handoffs[arm] = h
+        print(f"  {arm}: handoff {statistics.median(h.handoff_s):.3f} s (max {max(h.handoff_s):.3f}), verify {statistics.median(h.verify_s):.3f} s", flush=True)
+        if not args.no_steps:
+            s = run_in_subprocess(Job("step", arm, n_steps, args.quick))
+            assert isinstance(s, StepResult)
+            steps[arm] = s
+            print(f"  {arm}: step {s.timed('step_s'):.1f} s, handoff in run {s.timed('handoff_s'):.3f} s", flush=True)
+    print(format_table(handoffs, steps))
+    if steps:
+        print(step_breakdown(steps))
+    verdicts = {}
+    for arm, h in handoffs.items():
+        seconds = statistics.median(h.handoff_s)
+        share = steps[arm].timed("handoff_s") / steps[arm].timed("step_s") if arm in steps else float("nan")
+        ok = seconds < TARGET_SECONDS and (arm not in steps or share < TARGET_SHARE)
+        verdicts[arm] = {"handoff_s": seconds, "share": share, "pass": ok}
+        print(f"{arm}: handoff {seconds:.3f} s (< {TARGET_SECONDS} s), share {share:.2%} (< {TARGET_SHARE:.0%}): {'PASS' if ok else 'FAIL'}")
+    if args.out:
+        payload = {
+            "fast_lora_env": fast_lora,
+            "handoff": {arm: asdict(h) for arm, h in handoffs.items()},
+            "steps": {arm: asdict(s) for arm, s in steps.items()},
+            "verdicts": verdicts,
+        }
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

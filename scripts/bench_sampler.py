@@ -1,0 +1,309 @@
+"""Sampler throughput: our vLLM `Sampler` against transformers `generate`, base model and rank-1 LoRA.
+
+The work is what an RL step samples: chat-templated arithmetic prompts (`rlora.data.arith_problems`
+through `rlora.rl.make_prompt`, 45 tokens each), G samples per prompt, T new tokens per sample,
+temperature 1, top-p 1, no top-k. Lengths are fixed on both sides so token counts are equal:
+`ignore_eos=True` for vLLM, `min_new_tokens = max_new_tokens` for transformers.
+
+Sides, each in its own process (one at a time):
+  hf     transformers `generate(do_sample=True, num_return_sequences=G)`, model in bf16, all P
+         prompts left-padded into one batch; the adapter is applied with PEFT (`PeftModel`).
+  vllm   `rlora.sampler.Sampler` (in-process CPU engine, bf16, eager, block 32), the adapter handed
+         over with `Sampler.load_adapter` exactly as the RL loop does. The fixed-length call is the
+         request `Sampler.sample` makes (n=G, logprobs=0, the live adapter) plus `ignore_eos`; the
+         plain `Sampler.sample` (stops at EOS, as in a run) is timed too and reported apart.
+Adapters: base model (none) and one rank-1 adapter on all seven projections with non-zero B,
+written once in PEFT layout by `rlora.lora` and loaded by both sides.
+
+Each measurement: one warm-up call, then `--reps` calls on fresh prompts with the prefix cache
+reset (a new policy version starts with a cold cache); the median is reported. Ratios compare
+vLLM with transformers on the same workload in the same run.
+
+Run it under the machine's heavy-job lock:
+    flock /tmp/rlora-heavy.lock .venv/bin/python scripts/bench_sampler.py --out bench_sampler.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TARGET_RATIO = 20.0
+ARITH_MAX = 9
+RESULT_MARKER = "RLORA_BENCH_RESULT "
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: int
+    """P distinct prompts per call."""
+    samples: int
+    """G samples per prompt."""
+    new_tokens: int
+    """T tokens generated per sample (fixed)."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.prompts}x{self.samples}x{self.new_tokens}"
+
+    @property
+    def tokens(self) -> int:
+        return self.prompts * self.samples * self.new_tokens
+
+
+@dataclass(frozen=True)
+class Job:
+    side: str
+    """"hf" (transformers generate) or "vllm" (rlora.sampler.Sampler)."""
+    adapter_dir: str
+    """PEFT adapter served during the measurement; "" for the base model."""
+    workloads: tuple[Workload, ...]
+    reps: int
+    """Timed calls per workload after one warm-up call."""
+    natural: bool
+    """vLLM only: also time plain `Sampler.sample` (stops at EOS) on the first workload."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    side: str
+    adapter: str
+    """"base" or "rank-1"."""
+    workload: str
+    """P x G x T, or "P x G x <=T (EOS)" for the natural-length row."""
+    tokens: float
+    """Generated tokens per call (the median call for the natural-length row)."""
+    seconds: list[float]
+    """Wall time of each timed call."""
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / statistics.median(self.seconds)
+
+
+# ------------------------------------------------------------------------------------ workers
+
+
+def arith_prompt_batches(tokenizer: object, workload: Workload, calls: int) -> list[list[object]]:
+    """`calls` disjoint lists of P chat-templated arithmetic prompts (`rlora.types.Prompt`)."""
+    from rlora.data import arith_problems
+    from rlora.rl import make_prompt
+
+    problems = arith_problems(workload.prompts * calls, ARITH_MAX, seed=1234)
+    prompts = [make_prompt(p, tokenizer) for p in problems]
+    return [prompts[i * workload.prompts : (i + 1) * workload.prompts] for i in range(calls)]
+
+
+def run_vllm(job: Job) -> list[Timing]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from rlora.models import resolve_model
+    from rlora.sampler import EngineSpec, Sampler
+
+    model_path = resolve_model("default")
+    largest = max(w.prompts * w.samples for w in job.workloads)
+    sampler = Sampler(EngineSpec(model_path, "cpu", "bfloat16", lora_rank=1 if job.adapter_dir else None, max_num_seqs=max(256, largest)))
+    if job.adapter_dir:
+        sampler.load_adapter(lambda path: shutil.copytree(job.adapter_dir, path), version=0)
+    adapter = "rank-1" if job.adapter_dir else "base"
+
+    def fixed_length(prompts: list[object], w: Workload) -> float:
+        # The request Sampler.sample makes, plus ignore_eos so every sample has exactly T tokens.
+        params = SamplingParams(n=w.samples, temperature=1.0, top_p=1.0, max_tokens=w.new_tokens, logprobs=0, ignore_eos=True)
+        requests = [TokensPrompt(prompt_token_ids=list(p.prompt_ids)) for p in prompts]  # type: ignore[attr-defined]
+        sampler.llm.reset_prefix_cache()
+        start = time.perf_counter()
+        outputs = sampler.llm.generate(requests, params, lora_request=sampler._lora, use_tqdm=False)  # the live adapter
+        seconds = time.perf_counter() - start
+        made = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+        assert made == w.tokens, f"vLLM generated {made} tokens, expected {w.tokens}"
+        assert all(c.logprobs is not None for out in outputs for c in out.outputs), "no per-token logprobs"
+        return seconds
+
+    timings = []
+    for w in job.workloads:
+        batches = arith_prompt_batches(sampler.tokenizer, w, job.reps + 1)
+        fixed_length(batches[0], w)  # warm-up
+        timings.append(Timing("vllm", adapter, w.label, w.tokens, [fixed_length(b, w) for b in batches[1:]]))
+    if job.natural:
+        w = job.workloads[0]
+        batches = arith_prompt_batches(sampler.tokenizer, w, job.reps)
+        seconds, tokens = [], []
+        for prompts in batches:
+            sampler.llm.reset_prefix_cache()
+            start = time.perf_counter()
+            groups = sampler.sample(prompts, w.samples, w.new_tokens, temperature=1.0)  # type: ignore[arg-type]
+            seconds.append(time.perf_counter() - start)
+            tokens.append(sum(len(s.completion_ids) for g in groups for s in g))
+        timings.append(Timing("vllm", adapter, f"{w.prompts}x{w.samples}x<={w.new_tokens} (EOS)", statistics.median(tokens), seconds))
+    sampler.close()
+    return timings
+
+
+def run_hf(job: Job) -> list[Timing]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlora.models import resolve_model
+
+    model_path = resolve_model("default")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    if job.adapter_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, job.adapter_dir)
+    model.eval()
+    adapter = "rank-1" if job.adapter_dir else "base"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def generate(prompts: list[object], w: Workload) -> float:
+        ids = [list(p.prompt_ids) for p in prompts]  # type: ignore[attr-defined]
+        width = max(len(x) for x in ids)
+        input_ids_P_L = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])  # left-padded
+        attention_P_L = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        start = time.perf_counter()
+        with torch.no_grad():
+            out_N_S = model.generate(
+                input_ids=input_ids_P_L, attention_mask=attention_P_L, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                num_return_sequences=w.samples, max_new_tokens=w.new_tokens, min_new_tokens=w.new_tokens, pad_token_id=pad_id,
+            )
+        seconds = time.perf_counter() - start
+        assert out_N_S.shape == (w.prompts * w.samples, width + w.new_tokens), f"unexpected output shape {tuple(out_N_S.shape)}"
+        return seconds
+
+    timings = []
+    for w in job.workloads:
+        batches = arith_prompt_batches(tokenizer, w, job.reps + 1)
+        generate(batches[0], w)  # warm-up
+        timings.append(Timing("hf", adapter, w.label, w.tokens, [generate(b, w) for b in batches[1:]]))
+    return timings
+
+
+WORKERS = {"hf": run_hf, "vllm": run_vllm}
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker: this checkout first on the import path.
+
+    A worker's sys.path[0] is scripts/, so without this `rlora` and `rewards` come from however
+    the package was installed (an editable install made before rewards/__init__.py existed
+    serves `rewards` as an empty namespace package).
+    """
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
+def run_in_subprocess(job: Job) -> list[Timing]:
+    """One job per process: each side gets a clean torch, and vLLM's in-process engine is not torn down cleanly."""
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(asdict(job))], capture_output=True, text=True, cwd=REPO, env=worker_env())
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"{job.side} worker failed with exit code {proc.returncode}")
+    return [Timing(**t) for t in json.loads(lines[-1][len(RESULT_MARKER) :])]
+
+
+def job_from_json(text: str) -> Job:
+    data = json.loads(text)
+    data["workloads"] = tuple(Workload(**w) for w in data["workloads"])
+    return Job(**data)
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def write_rank1_adapter(out_dir: Path) -> None:
+    """A rank-1 adapter on all seven projections, B non-zero so it really changes the outputs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlora import lora
+    from rlora.models import resolve_model
+
+    model_path = resolve_model("default")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    spec = lora.LoRASpec(1)
+    generator = torch.Generator().manual_seed(0)
+    lora.apply_lora(model, spec, generator=generator)
+    with torch.no_grad():
+        for b in lora.lora_parameters(model)[1]:
+            b.normal_(0.0, 1e-3, generator=generator)
+    lora.save_peft_adapter(model, spec, out_dir, base_model=model_path)
+
+
+def format_table(timings: list[Timing]) -> str:
+    hf = {(t.adapter, t.workload): t for t in timings if t.side == "hf"}
+    header = f"| side | adapter | P x G x T | tokens/call | median s | tok/s | vLLM / HF |"
+    rows = [header, "| --- | --- | --- | --- | --- | --- | --- |"]
+    for t in timings:
+        ref = hf.get((t.adapter, t.workload)) if t.side == "vllm" else None
+        ratio = f"{t.tok_s / ref.tok_s:.1f}x" if ref else ""
+        rows.append(
+            f"| {t.side} | {t.adapter} | {t.workload} | {t.tokens:,.0f} | {statistics.median(t.seconds):.2f} | {t.tok_s:,.0f} | {ratio} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds): 2x2x8, one rep")
+    parser.add_argument("--reps", type=int, default=3, help="timed calls per vLLM measurement")
+    parser.add_argument("--hf-reps", type=int, default=2, help="timed calls per transformers measurement")
+    parser.add_argument("--adapters", nargs="*", default=["base", "rank-1"], choices=["base", "rank-1"])
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:  # child process: one side, one adapter
+        job = job_from_json(args.worker)
+        timings = WORKERS[job.side](job)
+        print(RESULT_MARKER + json.dumps([asdict(t) for t in timings]), flush=True)
+        return
+
+    if args.quick:
+        same, larger, reps, hf_reps = Workload(2, 2, 8), Workload(4, 2, 8), 1, 1
+    else:
+        same, larger, reps, hf_reps = Workload(8, 8, 64), Workload(32, 8, 64), args.reps, args.hf_reps
+    fast_lora = os.environ.get("RLORA_FAST_LORA", "1 (default)")
+    print(f"workloads: {same.label} (both sides), {larger.label} (vLLM only); bf16; RLORA_FAST_LORA={fast_lora}", flush=True)
+    timings: list[Timing] = []
+    with tempfile.TemporaryDirectory(prefix="rlora-bench-sampler-") as tmp:
+        adapter_dir = Path(tmp) / "rank1"
+        write_rank1_adapter(adapter_dir)
+        for adapter in args.adapters:
+            path = str(adapter_dir) if adapter == "rank-1" else ""
+            for job in (Job("hf", path, (same,), hf_reps, False), Job("vllm", path, (same, larger), reps, True)):
+                for t in run_in_subprocess(job):
+                    timings.append(t)
+                    print(f"  {t.side} {t.adapter} {t.workload}: {t.tok_s:,.0f} tok/s (calls {', '.join(f'{s:.2f}' for s in t.seconds)} s)", flush=True)
+    print(format_table(timings))
+    hf = {t.adapter: t for t in timings if t.side == "hf"}
+    verdicts = []
+    for t in timings:
+        if t.side == "vllm" and t.workload == same.label:
+            ratio = t.tok_s / hf[t.adapter].tok_s
+            verdicts.append({"adapter": t.adapter, "ratio": ratio, "pass": ratio >= TARGET_RATIO})
+            print(f"{t.adapter}: vLLM / HF on {same.label} = {ratio:.1f}x (target >= {TARGET_RATIO:g}x): {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}")
+    if args.out:
+        payload = {
+            "fast_lora_env": fast_lora,
+            "timings": [asdict(t) | {"tok_s": t.tok_s} for t in timings],
+            "ratios": verdicts,
+        }
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
