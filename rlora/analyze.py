@@ -8,8 +8,11 @@ in the usual sweep, one alpha rule) and each rank:
 - the final metric of each run: held-out log loss after the last step (sft), or the mean reward
   over the last 20% of steps (rl, whose per-step reward is noisy); several seeds are averaged;
 - the best learning rate, interpolated: a parabola in log10(lr) through the best grid point and
-  its two neighbours; its vertex, kept within those neighbours, is the estimate. At the edge of
-  the grid, or next to a diverged run, the best grid point is reported and flagged instead;
+  its two neighbours; its vertex, kept within those neighbours, is the estimate. For losses the
+  parabola is fitted to log(loss): a loss U is lopsided (it climbs by orders of magnitude toward
+  divergence) and a parabola in the loss itself puts its vertex far below every point it was
+  fitted to. At the edge of the grid, or next to a diverged run, the best grid point is reported
+  and flagged instead;
 - its ratio to FullFT's best learning rate (FullFT runs with the same non-LoRA settings);
 - the band: the contiguous learning rates around the best whose metric is within a tolerance of
   the best grid value (sft: relative, loss <= best * (1 + tol); rl: absolute, reward >= best - tol),
@@ -74,11 +77,13 @@ class Metric:
     label: str
     tol_mode: str  # "relative" (value <= best * (1 + tol)) or "absolute" (value >= best - tol)
     default_tol: float
+    log_fit: bool  # fit the parabola to log(value): losses span orders of magnitude across an lr grid
+    curve_keys: tuple[tuple[str, int], ...]  # (metrics column, smoothing) for learning curves, first with >= 2 points
 
 
 METRICS: dict[str, Metric] = {
-    "sft": Metric("eval_loss", "min", final_eval_loss, "final held-out log loss (nats/token)", "relative", 0.05),
-    "rl": Metric("reward_mean", "max", final_reward, "final reward (mean over the last 20% of steps)", "absolute", 0.05),
+    "sft": Metric("eval_loss", "min", final_eval_loss, "final held-out log loss (nats/token)", "relative", 0.05, True, (("eval_loss", 1), ("train_loss", 4))),
+    "rl": Metric("reward_mean", "max", final_reward, "final reward (mean over the last 20% of steps)", "absolute", 0.05, False, (("reward_mean", 5),)),
 }
 
 
@@ -191,11 +196,14 @@ def best_lr(curve: Curve, metric: Metric) -> BestLR | None:
         return BestLR(lr, value, lr, value, "grid", edge)
     x = np.log10(np.array(curve.lrs[i - 1 : i + 2]))
     y = np.array(curve.values[i - 1 : i + 2])
+    if metric.log_fit:
+        y = np.log(y)
     a, b, c = np.polyfit(x, y, 2)
     if (a <= 0 if metric.goal == "min" else a >= 0):  # flat or the wrong way round: no vertex to trust
         return BestLR(lr, value, lr, value, "grid", edge)
     x_star = float(np.clip(-b / (2 * a), x[0], x[2]))
-    return BestLR(lr, value, float(10**x_star), float(a * x_star**2 + b * x_star + c), "parabola", edge)
+    y_star = float(a * x_star**2 + b * x_star + c)
+    return BestLR(lr, value, float(10**x_star), math.exp(y_star) if metric.log_fit else y_star, "parabola", edge)
 
 
 @dataclass(frozen=True)
@@ -428,7 +436,10 @@ def plot_best_lr(panels: Sequence[Panel], out: Path) -> Path:
 
 
 def plot_learning_curves(panel: Panel, metric: Metric, out: Path) -> Path | None:
-    """The metric against step for each rank at its best grid lr (first seed), FullFT in black."""
+    """The metric against step for each rank at its best grid lr (first seed), FullFT in black.
+
+    A sweep that evaluates only at the end has one held-out point per run: the training loss
+    (smoothed) is drawn instead, and the title says so."""
     from rlora.plots import plot_metric
 
     runs: dict[str, list[dict[str, object]]] = {}
@@ -441,8 +452,11 @@ def plot_learning_curves(panel: Panel, metric: Metric, out: Path) -> Path | None
     if not runs:
         return None
     full_names = [k for k in runs if k.startswith("FullFT")]
-    smooth = 1 if metric.goal == "min" else 5
-    return plot_metric(runs, metric.key, out, full_names=full_names, title=f"{panel.name or 'LoRA'}: {metric.key} at each rank's best lr", smooth=smooth)
+    for key, smooth in metric.curve_keys:
+        if all(sum(1 for row in rows if key in row) >= 2 for rows in runs.values()):
+            title = f"{panel.name or 'LoRA'}: {key}{f' (avg of {smooth})' if smooth > 1 else ''}, best lr per rank"
+            return plot_metric(runs, key, out, full_names=full_names, title=title, smooth=smooth)
+    return None
 
 
 # ------------------------------------------------------------------------------------ report

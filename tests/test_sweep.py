@@ -196,8 +196,8 @@ TRUE_BEST = {  # best lr of each rule at rank r: flat, 1/r, 1/sqrt(r) (and FullF
 
 
 def synthetic_loss(lr: float, best: float) -> float:
-    """A U in log lr: 0.5 at the best lr, +0.1 per decade squared away from it."""
-    return 0.5 + 0.1 * (math.log10(lr) - math.log10(best)) ** 2
+    """A U in log lr: 0.5 at the best lr, log(loss) rising by 0.2 per decade squared away from it."""
+    return 0.5 * math.exp(0.2 * (math.log10(lr) - math.log10(best)) ** 2)
 
 
 def _fake_run(root: Path, name: str, final: float | None, kind: str = "sft", **cfg_kw) -> None:
@@ -234,13 +234,13 @@ def test_analysis_finds_the_known_optimum_exponent_ratio_and_band(synthetic_swee
         rule = rule.split("=")[1]
         assert panel.full is not None and panel.full.best.lr == pytest.approx(1e-4, rel=1e-6)
         for r in panel.ranks:
-            # a parabola in log lr is exact for a quadratic U: the optimum between grid points is recovered
+            # the parabola (in log lr, fitted to log loss) is exact for this U: the optimum between grid points is recovered
             assert r.best.method == "parabola"
             assert r.best.lr == pytest.approx(TRUE_BEST[rule](r.rank), rel=1e-6)
             assert r.best.value == pytest.approx(0.5, abs=1e-9)
             assert r.ratio_to_full == pytest.approx(TRUE_BEST[rule](r.rank) / 1e-4, rel=1e-6)
-            # band: loss <= best grid loss * 1.05 <=> |log10 lr - log10 best| <= sqrt((1.05 * best - 0.5) / 0.1)
-            half_width = math.sqrt((1.05 * r.best.grid_value - 0.5) / 0.1)
+            # band: loss <= best grid loss * 1.05 <=> |log10 lr - log10 best| <= sqrt(log(1.05 * best / 0.5) / 0.2)
+            half_width = math.sqrt(math.log(1.05 * r.best.grid_value / 0.5) / 0.2)
             expected = tuple(lr for lr in LRS if abs(math.log10(lr) - math.log10(TRUE_BEST[rule](r.rank))) <= half_width)
             assert r.band.grid == expected
             assert math.log10(r.band.lo) == pytest.approx(math.log10(TRUE_BEST[rule](r.rank)) - half_width, abs=0.03)
