@@ -47,6 +47,14 @@ def cmd_sft(args: argparse.Namespace) -> None:
     print(run.path)
 
 
+def report_outcome(out: object, outcome: dict[str, list[str]], summary: str, logs: str) -> None:
+    """One line of counts; the failed runs on stderr and exit 1 (the other runs went on)."""
+    print(f"{out}: {len(outcome['done'])} trained, {summary}, {len(outcome['failed'])} failed")
+    if outcome["failed"]:
+        print(f"failed (see {logs} in each): " + ", ".join(outcome["failed"]), file=sys.stderr)
+        raise SystemExit(1)
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from rlora.sweep import load_sweep, run_sweep, run_worker
 
@@ -61,13 +69,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         outcome = run_worker(sweep, args.device, args.progress, log, args.budget_s)
     else:
         outcome = run_sweep(sweep, args.progress, log, args.budget_s)
-    print(
-        f"{sweep.out}: {len(outcome['done'])} trained, {len(outcome['skipped'])} already done or taken, "
-        f"{len(outcome['failed'])} failed, {len(outcome['left'])} left for the next invocation"
-    )
-    if outcome["failed"]:
-        print("failed (see error.txt in each): " + ", ".join(outcome["failed"]), file=sys.stderr)
-        raise SystemExit(1)
+    summary = f"{len(outcome['skipped'])} already done or taken, {len(outcome['left'])} left for the next invocation"
+    report_outcome(sweep.out, outcome, summary, "error.txt")
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -112,6 +115,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"\ntable and plots in {args.out}/")
 
 
+def cmd_launch(args: argparse.Namespace) -> None:
+    from rlora.launch import dry_run, launch, load_plan, make_node
+
+    plan = load_plan(args.plan, out=args.out)
+    node = make_node(args.gpus, args.cpu_slots, plan.share)
+    if args.dry_run:
+        print(dry_run(plan, node), end="")
+        return
+    outcome = launch(plan, node, args.refresh_s)
+    summary = f"{len(outcome['skipped'])} already done, {len(outcome['taken'])} held by another launcher"
+    report_outcome(plan.sweep.out, outcome, summary, "error.txt and launch.log")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rlora", description="RL of language models with LoRA versus full fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", help="continue a run directory from its last checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser("rl-multi", help="K LoRA runs on one engine and one frozen base: rlora rl-multi --config MULTI.yaml | --resume OUT")
+    p.add_argument("--config", help="multi-run file: base, out, fixed, and runs (a list) or grid (configs/rl_multi_*.yaml)")
+    p.add_argument("--out", help="where the run directories go (default: the file's `out`, else runs/<file stem>)")
+    p.add_argument("--resume", metavar="OUT", help="continue every run under OUT from its last checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value for every run (with --config: added to the file's `fixed`)")
+    p.set_defaults(func=lambda args: __import__("rlora.multi", fromlist=["cmd_rl_multi"]).cmd_rl_multi(args))  # lazy, like every command
 
     p = sub.add_parser("demo", help="rank-1 LoRA vs FullFT on the CPU default, side by side")
     p.add_argument("--out", default="runs/demo", help="where the two runs, the table and the plots go")
@@ -186,6 +209,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="folder for compare.md and the PNGs")
     p.add_argument("--smooth", type=int, default=1, help="moving average of the training reward over this many steps")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("launch", help="a plan of runs placed on this node's GPUs, one child process each: rlora launch PLAN.yaml --gpus 0-7")
+    p.add_argument("plan", help="plan file: a sweep file plus gpus_per_run and share (configs/launch_*.yaml)")
+    p.add_argument("--gpus", help="GPU ids to use: 0-7, 0,2,5 or 0-3,6")
+    p.add_argument("--cpu-slots", type=int, default=0, help="instead of --gpus: N CPU workers (device=cpu), for machines without GPUs")
+    p.add_argument("--out", help="plan directory (default: the file's `out`, else runs/<file stem>)")
+    p.add_argument("--dry-run", action="store_true", help="print the placement and every command, start nothing")
+    p.add_argument("--refresh-s", type=float, default=5.0, help="status table refresh on a terminal")
+    p.set_defaults(func=cmd_launch)
 
     args = parser.parse_args(argv)
     try:

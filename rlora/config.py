@@ -69,6 +69,10 @@ class RLConfig:
     gpu_memory_utilization: float = 0.35  # vLLM's share of GPU memory when colocated with the learner
     max_model_len: int = 1024
     probe_tol: float = 0.0  # engine/learner numeric noise on the handoff probe (nats/token); 0 = by dtype
+    # scaling out (rlora.placement, rlora.distributed; README "Scaling out")
+    placement: str = "colocate"  # colocate | split (sampler and learner on separate GPUs) | sleep (colocate + vLLM sleep mode)
+    tensor_parallel_size: int = 1  # the sampler's vLLM tensor parallelism (GPUs, or CPU core groups)
+    learner_parallel: str = "ddp"  # with several learner processes (torchrun): ddp (replicas) | fsdp (FSDP2 shards, FullFT)
     # evaluation during training (0 = off)
     eval_every: int = 0
     eval_benchmarks: str = "math500,gsm8k"
@@ -77,7 +81,7 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         check_rank(self.rank)
-        positive = ("prompts_per_step", "group_size", "max_tokens", "micro_batch", "max_model_len", "arith_max")
+        positive = ("prompts_per_step", "group_size", "max_tokens", "micro_batch", "max_model_len", "arith_max", "tensor_parallel_size")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)!r}")
@@ -87,6 +91,8 @@ class RLConfig:
             raise ConfigError("config key 'temperature' must be > 0 (the importance ratio needs a sampling distribution)")
         if self.max_steps < 0 or self.checkpoint_every < 0:
             raise ConfigError("config keys 'max_steps' and 'checkpoint_every' must be >= 0")
+        if self.learner_parallel == "fsdp" and not self.is_full:
+            raise ConfigError("config key 'learner_parallel': fsdp shards full fine-tuning (rank=full); LoRA runs replicate with ddp")
 
     @property
     def is_full(self) -> bool:

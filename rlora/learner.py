@@ -10,6 +10,10 @@ makes a rank-1 learner several times lighter than FullFT.
 
 Memory: rows are processed in micro-batches and the vocabulary projection runs only at
 completion positions, so the (tokens x 49k) logits are never built for prompt tokens.
+
+A step is `backward` (gradients from zero) then `optimizer_step` (clip, AdamW); `rlora.distributed`
+puts a cross-rank gradient sum between the two and merges the ranks' `BackwardPass`es with
+`step_stats`. A single process makes no distributed call.
 """
 
 from __future__ import annotations
@@ -70,10 +74,32 @@ def make_optimizer(model: nn.Module, spec: LearnerSpec) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
 
 
+ClipFn = Callable[[list[nn.Parameter], float], torch.Tensor | float]
+
+
+@dataclass(frozen=True)
+class BackwardPass:
+    """What one backward pass saw, kept for the step's statistics (one per rank when distributed)."""
+
+    loss: float  # sum of the micro-batches' losses, each already divided by the step's N
+    learner_lp_N: torch.Tensor  # (N,) learner logprobs of the completion tokens, detached
+    sampler_lp_N: torch.Tensor  # (N,) the sampler's logprobs of the same tokens
+    entropy_N: torch.Tensor  # (N,) learner entropy at those positions
+
+
+def step_stats(passes: list[BackwardPass], grad_norm: float, cap: float) -> dict[str, float]:
+    """The step's statistics over every pass's tokens (one pass, or every rank's shard)."""
+    learner_lp_N = torch.cat([p.learner_lp_N.cpu() for p in passes])
+    sampler_lp_N = torch.cat([p.sampler_lp_N.cpu() for p in passes])
+    entropy = torch.cat([p.entropy_N.cpu() for p in passes]).mean().item()
+    return {"loss": sum(p.loss for p in passes), "grad_norm": grad_norm, "entropy": entropy, **ratio_stats(learner_lp_N, sampler_lp_N, cap)}
+
+
 class Learner:
-    def __init__(self, spec: LearnerSpec) -> None:
+    def __init__(self, spec: LearnerSpec, model: nn.Module | None = None) -> None:
+        """`model`: the policy as `load_policy(spec)` would build it, when the caller built it (rlora.multi shares a base)."""
         self.spec = spec
-        self.model = load_policy(spec)
+        self.model = load_policy(spec) if model is None else model
         self.optimizer = make_optimizer(self.model, spec)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -118,6 +144,16 @@ class Learner:
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> dict[str, float]:
         """One optimizer step over the whole batch, in micro-batches; returns the step's statistics."""
+        seen = self.backward(batch, loss_fn, norm, cap, temperature)
+        grad_norm = self.optimizer_step()
+        return step_stats([seen], grad_norm, cap)
+
+    def backward(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> BackwardPass:
+        """Gradients of the batch's loss from zero, in micro-batches (`rlora.distributed` passes one rank's rows).
+
+        `norm` is the step's N over the whole batch, so the gradients of disjoint row sets add up
+        to the gradient of their union.
+        """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         B = batch.tokens_B_T.shape[0]
@@ -139,11 +175,17 @@ class Learner:
             learner_lp.append(lp_N.detach())
             sampler_lp.append(slp_N)
             entropies.append(entropy_N)
+        return BackwardPass(loss_sum, torch.cat(learner_lp), torch.cat(sampler_lp), torch.cat(entropies))
+
+    def optimizer_step(self, clip_fn: ClipFn = torch.nn.utils.clip_grad_norm_) -> float:
+        """Clip the gradient to `grad_clip` global norm, step; the norm before clipping.
+
+        `clip_fn`: a sharded learner (FSDP2) passes one that reduces the norm across ranks.
+        """
         clip = self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        grad_norm = clip_fn(self.trainable, clip)
         self.optimizer.step()
-        stats = ratio_stats(torch.cat(learner_lp), torch.cat(sampler_lp), cap)
-        return {"loss": loss_sum, "grad_norm": float(grad_norm), "entropy": torch.cat(entropies).mean().item(), **stats}
+        return float(grad_norm)
 
     # ---------------------------------------------------------------- handoff and checkpoints
 

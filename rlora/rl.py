@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from rlora import lora
+from rlora import distributed, lora
 from rlora.advantages import ADVANTAGES
 from rlora.batching import build_batch
 from rlora.config import ConfigError, RLConfig
@@ -38,8 +38,9 @@ from rlora.evaluate import eval_policy, load_benchmarks, parse_benchmarks
 from rlora.learner import Learner, LearnerSpec
 from rlora.losses import LOSSES, NORMALIZERS
 from rlora.models import resolve_model
+from rlora.placement import placement_for
 from rlora.runs import RunDir, create_run, reopen_run
-from rlora.sampler import EngineSpec, Sampler, resolve_device
+from rlora.sampler import AdapterSlot, EngineSpec, Sampler, resolve_device
 from rlora.types import Group, Prompt, Rollout, Sample
 
 PROBE_MESSAGES = [
@@ -50,6 +51,8 @@ PROBE_MESSAGES = [
 # float32 on both sides agrees to ~1e-4; bf16 kernels differ by ~0.03-0.07 nats per token, more on
 # a sharpened policy (../shared/notes/vllm_cpu.md and our runs). See `publish` for how it is used.
 PROBE_NOISE = {"float32": 2e-3, "bfloat16": 0.1, "float16": 0.05}
+# The learner's statistics for a step in which no group had mixed rewards (nothing to learn from).
+NO_SIGNAL_STATS = {"loss": 0.0, "grad_norm": 0.0, "entropy": float("nan"), "ratio_mean": 1.0, "ratio_max": 1.0, "truncated_frac": 0.0, "kl_sample_train": 0.0}
 
 class HandoffError(RuntimeError):
     """The sampler does not serve the policy the learner just produced."""
@@ -72,6 +75,29 @@ def grade(prompt: Prompt, samples: list[Sample], version: int) -> Group:
     return Group(prompt, rollouts, version)
 
 
+def learn(learner: Learner, groups_P: list[Group], cfg: RLConfig, pad_id: int) -> tuple[dict[str, float], int]:
+    """Centre, batch and take one optimizer step: (the learner's statistics, tokens trained on)."""
+    batch = build_batch(groups_P, ADVANTAGES[cfg.advantage], pad_id=pad_id)
+    if batch is None:  # no group had mixed rewards: nothing to learn from, the policy is unchanged
+        return dict(NO_SIGNAL_STATS), 0
+    norm_constant = cfg.loss_norm_constant or cfg.prompts_per_step * cfg.group_size * cfg.max_tokens
+    norm = NORMALIZERS[cfg.loss_norm](batch.num_tokens, norm_constant)
+    return learner.train_step(batch, LOSSES[cfg.loss], norm, cfg.is_cap, cfg.temperature), batch.num_tokens
+
+
+def step_metrics(step: int, groups_P: list[Group], stats: dict[str, float], train_tokens: int) -> dict[str, object]:
+    """A step's metrics row before its timings: rewards, signal, the learner's statistics, token counts."""
+    rewards_all = [r for g in groups_P for r in g.rewards_G]
+    return {
+        "step": step,
+        "reward_mean": float(np.mean(rewards_all)),
+        "signal_groups": sum(g.has_signal for g in groups_P) / len(groups_P),
+        **stats,
+        "tokens": sum(len(r.completion_ids) for g in groups_P for r in g.rollouts),
+        "train_tokens": train_tokens,
+    }
+
+
 def probe_ids(tokenizer: object) -> list[int]:
     text = tokenizer.apply_chat_template(PROBE_MESSAGES, tokenize=False)  # type: ignore[attr-defined]
     return tokenizer.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
@@ -86,7 +112,7 @@ class Probe:
     previous_lp: np.ndarray | None = None
 
 
-def publish(learner: Learner, sampler: Sampler, version: int, probe: Probe) -> dict[str, float]:
+def publish(learner: Learner, sampler: Sampler | AdapterSlot, version: int, probe: Probe) -> dict[str, float]:
     """Hand the learner's current policy to the engine and prove that the engine now serves it.
 
     Two checks on the probe's per-token logprobs: the engine must agree with the learner within
@@ -134,8 +160,48 @@ def lora_spec(cfg: RLConfig) -> lora.LoRASpec | None:
     return lora.LoRASpec(cfg.rank, cfg.alpha_rule, cfg.alpha_c, cfg.lora_init, cfg.lora_init_scale, targets)
 
 
+def learner_spec(cfg: RLConfig, model_path: str, device: str) -> LearnerSpec:
+    return LearnerSpec(
+        model_path, lora_spec(cfg), cfg.lr, cfg.lr_b_mult, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+        cfg.grad_clip, device, cfg.dtype, cfg.micro_batch, cfg.seed,
+    )
+
+
+def load_latest(run: RunDir, learner: Learner) -> int:
+    """Load the run's last checkpoint (if any) into the learner; the next step."""
+    start_step = 0
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is not None:
+        start_step, state = RunDir.load_checkpoint(checkpoint)
+        learner.load_state(state)
+    return start_step
+
+
+def restore(run: RunDir, learner: Learner) -> int:
+    """Load the run's last checkpoint (if any) into the learner; drop metrics rows written after it; the next step."""
+    start_step = load_latest(run, learner)
+    run.truncate_metrics(start_step)  # drop rows written after the checkpoint by a killed run
+    return start_step
+
+
+def follow_rank0(run: RunDir, learner: Learner) -> RunDir:
+    """Learner ranks > 0 (torchrun): the same checkpoint as rank 0, then its step calls until it stops."""
+    load_latest(run, learner)
+    distributed.follow(learner)  # type: ignore[arg-type]
+    distributed.close_world()
+    return run
+
+
+def save_if_due(run: RunDir, cfg: RLConfig, learner: Learner, step: int) -> None:
+    """Checkpoint after `step` every `checkpoint_every` steps and after the last one."""
+    if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps):
+        extra = {"adapter": learner.write_adapter} if learner.spec.lora is not None else {}
+        run.save_checkpoint(step + 1, learner.state(), extra)
+
+
 def check_choices(cfg: RLConfig) -> None:
-    for key, table in (("advantage", ADVANTAGES), ("loss", LOSSES), ("loss_norm", NORMALIZERS), ("alpha_rule", lora.ALPHA_RULES), ("lora_init", lora.INITS)):
+    for key, table in (("advantage", ADVANTAGES), ("loss", LOSSES), ("loss_norm", NORMALIZERS), ("alpha_rule", lora.ALPHA_RULES), ("lora_init", lora.INITS),
+                       ("learner_parallel", distributed.LEARNERS)):
         if getattr(cfg, key) not in table:
             raise ConfigError(f"config key {key!r} must be one of {sorted(table)}, got {getattr(cfg, key)!r}")
 
@@ -152,32 +218,28 @@ def seed_everything(seed: int) -> None:
 def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     check_choices(cfg)
     seed_everything(cfg.seed)
+    world = distributed.init_world()  # one process, or one of torchrun's (README "Scaling out")
     device = resolve_device(cfg.device)
+    place = placement_for(cfg, device, world)
     model_path = resolve_model(cfg.model)
     problems = load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed)
     # periodic eval: one greedy sample per problem (rlora.evaluate.eval_policy); loaded now so a bad name fails first
     eval_sets = load_benchmarks(parse_benchmarks(cfg.eval_benchmarks), cfg.eval_limit, cfg.eval_data_dir) if cfg.eval_every else {}
-    spec = lora_spec(cfg)
-    learner = Learner(LearnerSpec(
-        model_path, spec, cfg.lr, cfg.lr_b_mult, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
-        cfg.grad_clip, device, cfg.dtype, cfg.micro_batch, cfg.seed,
-    ))
-    start_step = 0
-    checkpoint = run.latest_checkpoint()
-    if checkpoint is not None:
-        start_step, state = RunDir.load_checkpoint(checkpoint)
-        learner.load_state(state)
-    run.truncate_metrics(start_step)  # drop rows written after the checkpoint by a killed run
+    learner = distributed.make_learner(learner_spec(cfg, model_path, place.learner_device), cfg.learner_parallel)
+    if not world.is_main:
+        return follow_rank0(run, learner)
+    start_step = restore(run, learner)
+    learner = distributed.lead(learner)  # type: ignore[assignment]  # rank 0's handle; the learner itself in one process
     sampler = Sampler(EngineSpec(
-        model_path, device.split(":")[0], cfg.dtype, None if spec is None else spec.rank, cfg.kv_cache_gib,
+        model_path, device.split(":")[0], cfg.dtype, None if cfg.is_full else int(cfg.rank), cfg.kv_cache_gib,
         cfg.gpu_memory_utilization, cfg.max_model_len, max(256, cfg.prompts_per_step * cfg.group_size), cfg.seed + start_step,
+        device_ids=place.sampler_gpus, tensor_parallel_size=cfg.tensor_parallel_size, in_process=place.engine_in_process,
+        sleep_mode=place.sleep, cpu_threads_bind=place.cpu_threads_bind,
     ))
     tokenizer = sampler.tokenizer
     probe = Probe(probe_ids(tokenizer), cfg.probe_tol or PROBE_NOISE[cfg.dtype])
     publish(learner, sampler, start_step, probe)
 
-    advantage_fn, loss_fn = ADVANTAGES[cfg.advantage], LOSSES[cfg.loss]
-    norm_constant = cfg.loss_norm_constant or cfg.prompts_per_step * cfg.group_size * cfg.max_tokens
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)
     for step in bar:
         # policy v{step}, which this step samples from and checkpoint step_{step} holds
@@ -189,44 +251,26 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
         groups_P = [grade(p, s, sampler.version) for p, s in zip(prompts_P, samples_P_G)]
         t2 = time.perf_counter()
         assert all(g.policy_version == step for g in groups_P), "rollouts must come from the current policy"
-        batch = build_batch(groups_P, advantage_fn, pad_id=tokenizer.pad_token_id or 0)
-        if batch is not None:
-            norm = NORMALIZERS[cfg.loss_norm](batch.num_tokens, norm_constant)
-            stats = learner.train_step(batch, loss_fn, norm, cfg.is_cap, cfg.temperature)
-        else:  # no group had mixed rewards: nothing to learn from, the policy is unchanged
-            stats = {"loss": 0.0, "grad_norm": 0.0, "entropy": float("nan"), "ratio_mean": 1.0, "ratio_max": 1.0, "truncated_frac": 0.0, "kl_sample_train": 0.0}
+        with sampler.asleep():  # placement=sleep: the engine frees its GPU memory for the learner
+            stats, train_tokens = learn(learner, groups_P, cfg, tokenizer.pad_token_id or 0)
         t3 = time.perf_counter()
         handoff = publish(learner, sampler, step + 1, probe)
-        rewards_all = [r for g in groups_P for r in g.rewards_G]
-        row = {
-            "step": step,
-            "reward_mean": float(np.mean(rewards_all)),
-            "signal_groups": sum(g.has_signal for g in groups_P) / len(groups_P),
-            **stats,
-            "tokens": sum(len(r.completion_ids) for g in groups_P for r in g.rollouts),
-            "train_tokens": batch.num_tokens if batch is not None else 0,
-            "sample_s": t1 - t0,
-            "grade_s": t2 - t1,
-            "learn_s": t3 - t2,
-            **handoff,
-            "step_s": time.perf_counter() - t0,
-            **evals,
-        }
+        timings = {"sample_s": t1 - t0, "grade_s": t2 - t1, "learn_s": t3 - t2, **handoff, "step_s": time.perf_counter() - t0}
+        row = {**step_metrics(step, groups_P, stats, train_tokens), **timings, **evals}
         run.log(row)
-        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps):
-            extra = {"adapter": learner.write_adapter} if spec is not None else {}
-            run.save_checkpoint(step + 1, learner.state(), extra)
+        save_if_due(run, cfg, learner, step)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", signal=f"{row['signal_groups']:.2f}")
     if eval_sets:  # the final policy (checkpoint step_<max_steps>) gets a row of its own
         run.log({"step": cfg.max_steps, **eval_policy(sampler, eval_sets, cfg.max_tokens, run.path / "eval" / f"step_{cfg.max_steps:06d}")})
     sampler.close()
+    distributed.shutdown(learner)  # releases ranks > 0 from follow_rank0
     return run
 
 
 def run_rl(cfg: RLConfig, name: str = "rl", progress: bool = True) -> RunDir:
-    return train(cfg, create_run(cfg, name, "rl"), progress)
+    return train(cfg, distributed.from_rank0(lambda: create_run(cfg, name, "rl")), progress)
 
 
 def resume_rl(run_dir: str | Path, overrides: dict[str, object] | None = None, progress: bool = True) -> RunDir:
-    cfg, run = reopen_run(RLConfig, run_dir, overrides)
+    cfg, run = distributed.from_rank0(lambda: reopen_run(RLConfig, run_dir, overrides))
     return train(cfg, run, progress)

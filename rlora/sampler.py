@@ -14,29 +14,52 @@ Design:
   let vLLM's prefix cache (keyed by them) serve KV computed by the previous adapter.
   `max_lora_rank` is fitted to the run's rank (rank 1 served as rank 1), since CPU cost grows
   with `max_lora_rank`, not with the adapter's own rank.
+- Tenants (`rlora rl-multi`): one engine can serve K runs' adapters at once (`max_loras=K`,
+  `max_lora_rank` fitted to the largest rank). Each tenant has its own versions, names
+  (`<tenant>-v<version>`), paths and ids (one counter for the whole engine), so no two adapters
+  ever share a prefix-cache key; `sample` takes one tenant per prompt and sends every prompt in
+  ONE `generate` call with a per-request list of LoRARequests. The engine keeps room for one
+  adapter more than it has tenants (`max_cpu_loras = max_loras + 1`): a new version is added
+  before the old one is removed, and a full cache would evict its least recently used adapter,
+  which may be another tenant's live one. Mixed batches are only correct with rlora's CPU LoRA
+  ops (`rlora.vllm_lora_ops`; stock vLLM applies the last slot's adapter to base requests).
+  `slot(tenant)` gives one tenant the single-run handoff API, which is what `rlora.rl.publish`
+  calls. A single run is the tenant `DEFAULT_TENANT`, and the API without tenants is unchanged.
 - FullFT handoff: the engine repacks linear weights at load, so copying into its parameters does
   nothing; `reload_weights` runs vLLM's own loader on the new tensors, then the prefix cache is
   reset.
+- Placement (`rlora.placement` decides, EngineSpec carries it): `device_ids` picks the engine's
+  GPUs, `tensor_parallel_size` shards it; with several learner processes or tensor parallelism
+  the engine core runs in its own spawned process (`in_process=False`), and FullFT weights then
+  cross as a safetensors file (`reload_weights(weights_path=...)`). `asleep()` puts a
+  sleep-mode engine to sleep around the learner's step.
 - No per-request `seed`: on CPU it kills the engine when chunked prefill splits a prompt. The
   engine-wide `seed` makes a run's sampling reproducible from a fresh start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlora.types import Prompt, Sample
 
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+
 # vLLM's accepted max_lora_rank values (2 and 4 are rejected by this vLLM).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+DEFAULT_TENANT = "policy"  # the one tenant of a single run
 
 
 def fit_max_lora_rank(rank: int) -> int:
@@ -61,27 +84,81 @@ def handoff_root() -> Path:
     return Path(tempfile.mkdtemp(prefix="rlora-handoff-", dir=base))
 
 
+def save_safetensors(weights: Iterable[tuple[str, torch.Tensor]], path: Path, dtype: torch.dtype) -> None:
+    """Weights in checkpoint names as one safetensors file, in the engine's dtype (half the bytes in bf16)."""
+    from safetensors.torch import save_file
+
+    save_file({name: t.detach().to("cpu", dtype).contiguous() for name, t in weights}, str(path))
+
+
+class WorkerExtension:
+    """Methods vLLM mixes into every engine worker (`worker_extension_cls`), reached by name with
+    `llm.collective_rpc("<method>")` whether the engine runs in this process or in its own."""
+
+    def retie_word_embeddings(self) -> bool:
+        """After `reload_weights`: point a tied lm_head at the new embedding.
+
+        vLLM ties the output layer to the input embedding by sharing one Parameter at load time;
+        `reload_weights` gives the embedding a new Parameter and skips the tied `lm_head.weight`,
+        so the output layer (and, on CPU, its packed GEMM copy) kept the old embedding, and a
+        FullFT policy's embedding updates never reached the logits (0.45 nats/token on the probe
+        after an embedding-only change, float32; tests/test_rl_engine.py checks it).
+        """
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        config = getattr(model, "config", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if not getattr(config, "tie_word_embeddings", False) or embed is None or not hasattr(model, "lm_head"):
+            return False
+        model.lm_head.weight = embed.weight
+        # On CPU the output layer multiplies with a packed copy made at load time: pack it again.
+        quant_method = getattr(model.lm_head, "quant_method", None)
+        if quant_method is not None:
+            quant_method.process_weights_after_loading(model.lm_head)
+        return True
+
+
+def placement_kwargs(spec: EngineSpec) -> dict[str, object]:
+    """vLLM's arguments for where the engine runs: its GPUs, tensor parallelism, sleep mode."""
+    kwargs: dict[str, object] = {"tensor_parallel_size": spec.tensor_parallel_size}
+    if spec.device_ids:  # physical ids, or indices into CUDA_VISIBLE_DEVICES when it is set
+        kwargs["device_ids"] = list(spec.device_ids)
+    if spec.sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+    return kwargs
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     model_path: str
-    device: str = "cpu"  # cpu | cuda (the visible CUDA devices; placement is the launcher's job)
+    device: str = "cpu"  # cpu | cuda (which GPUs: device_ids below)
     dtype: str = "bfloat16"
-    lora_rank: int | None = 1  # None: FullFT, no LoRA in the engine
+    lora_rank: int | None = 1  # None: FullFT, no LoRA in the engine; with tenants, the largest rank
     kv_cache_gib: float = 1.0  # CPU only
     gpu_memory_utilization: float = 0.35  # CUDA only
     max_model_len: int = 1024
     max_num_seqs: int = 256
     seed: int = 0
+    max_loras: int = 1  # adapters one batch may mix: the number of tenants
+    # where the engine runs (chosen by rlora.placement)
+    device_ids: tuple[int, ...] = ()  # CUDA: the engine's GPUs (vLLM `device_ids`); () = the first visible ones
+    tensor_parallel_size: int = 1
+    in_process: bool = True  # False: vLLM's engine core runs in its own (spawned) process
+    sleep_mode: bool = False  # CUDA only: the engine can sleep while the learner runs (`Sampler.asleep`)
+    cpu_threads_bind: str = ""  # CPU tensor parallelism: VLLM_CPU_OMP_THREADS_BIND ("0|1"); "" = vLLM's default
 
 
 class Sampler:
     """Samples groups of completions from the current policy and accepts new policies."""
 
     def __init__(self, spec: EngineSpec) -> None:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if spec.in_process else "1"
+        if not spec.in_process:  # spawn, never fork: a forked engine inherits the learners' process group
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
         if spec.device == "cpu":
             # On CPU the default memory fraction refuses to start; size the KV cache explicitly.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(spec.kv_cache_gib)))
+            if spec.cpu_threads_bind:  # vLLM's automatic binding wants one NUMA node per CPU worker
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", spec.cpu_threads_bind)
         from vllm import LLM
 
         kwargs: dict[str, object] = dict(
@@ -92,6 +169,7 @@ class Sampler:
             max_num_seqs=spec.max_num_seqs,
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
+            worker_extension_cls=f"{WorkerExtension.__module__}.{WorkerExtension.__qualname__}",
         )
         if spec.device == "cpu":
             # eager: 3 s start instead of 50-75 s of compilation; block 32: 2x prefill on CPU
@@ -101,26 +179,58 @@ class Sampler:
         else:
             kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization)
         if spec.lora_rank is not None:
-            kwargs.update(enable_lora=True, max_lora_rank=fit_max_lora_rank(spec.lora_rank), max_loras=1)
+            kwargs.update(
+                enable_lora=True, max_lora_rank=fit_max_lora_rank(spec.lora_rank), max_loras=spec.max_loras, max_cpu_loras=spec.max_loras + 1
+            )
+        kwargs.update(placement_kwargs(spec))
         start = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.start_s = time.perf_counter() - start
         self.spec = spec
         self.tokenizer = self.llm.get_tokenizer()
-        self.version = -1
-        self._lora = None  # the LoRARequest serving the current version
+        self.versions: dict[str, int] = {}  # the policy version each tenant serves (FullFT: DEFAULT_TENANT)
+        self._loras: dict[str, LoRARequest] = {}  # the adapter serving each tenant's current version
+        self._lora_ids = itertools.count(1)  # vLLM ids are unique across tenants and versions
         self._handoff_dir = handoff_root() if spec.lora_rank is not None else None
+
+    @property
+    def version(self) -> int:
+        """The single run's policy version (-1 before the first handoff)."""
+        return self.versions.get(DEFAULT_TENANT, -1)
+
+    @property
+    def _lora(self) -> LoRARequest | None:
+        """The single run's live adapter (benchmarks read its path)."""
+        return self._loras.get(DEFAULT_TENANT)
+
+    def slot(self, tenant: str) -> AdapterSlot:
+        """One tenant's view of this engine, with the handoff API of a single-run Sampler."""
+        return AdapterSlot(self, tenant)
+
+    def _requests(self, tenants: Sequence[str | None]) -> list[LoRARequest | None]:
+        """Each tenant's live adapter; None (the base model) for a None tenant."""
+        missing = sorted({t for t in tenants if t is not None and t not in self._loras})
+        assert not missing, f"tenants {missing} have no adapter in the engine (loaded: {sorted(self._loras)})"
+        return [None if t is None else self._loras[t] for t in tenants]
 
     # ---------------------------------------------------------------- sampling
 
-    def sample(self, prompts: Sequence[Prompt], group_size: int, max_tokens: int, temperature: float) -> list[list[Sample]]:
-        """G completions per prompt, each with its tokens' logprobs under the sampled distribution."""
+    def sample(
+        self, prompts: Sequence[Prompt], group_size: int, max_tokens: int, temperature: float, tenants: Sequence[str | None] | None = None
+    ) -> list[list[Sample]]:
+        """G completions per prompt, each with its tokens' logprobs under the sampled distribution.
+
+        `tenants`: whose adapter serves each prompt (None: the base model); all prompts go to the
+        engine in one call. Without it every prompt gets the single run's policy.
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        assert tenants is None or len(tenants) == len(prompts), f"{len(tenants or ())} tenants for {len(prompts)} prompts"
         params = SamplingParams(n=group_size, temperature=temperature, top_p=1.0, max_tokens=max_tokens, logprobs=0)
         requests = [TokensPrompt(prompt_token_ids=list(p.prompt_ids)) for p in prompts]
-        outputs = self.llm.generate(requests, params, lora_request=self._lora, use_tqdm=False)
+        lora = self._lora if tenants is None else self._requests(tenants)
+        outputs = self.llm.generate(requests, params, lora_request=lora, use_tqdm=False)
         groups: list[list[Sample]] = []
         for out in outputs:
             samples = []
@@ -132,48 +242,102 @@ class Sampler:
             groups.append(samples)
         return groups
 
-    def prompt_logprobs(self, token_ids: Sequence[int]) -> list[float]:
-        """log p(token_t | tokens_<t) for t >= 1 under the current policy at temperature 1."""
+    def prompt_logprobs(self, token_ids: Sequence[int], tenant: str | None = DEFAULT_TENANT) -> list[float]:
+        """log p(token_t | tokens_<t) for t >= 1 under a tenant's current policy at temperature 1.
+
+        A tenant without an adapter yet (or None) is scored by the base model.
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, lora_request=self._lora, use_tqdm=False)[0]
+        lora = self._loras.get(tenant) if tenant is not None else None
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, lora_request=lora, use_tqdm=False)[0]
         assert out.prompt_logprobs is not None
         return [float(step[tok].logprob) for step, tok in zip(out.prompt_logprobs[1:], token_ids[1:])]
 
     # ---------------------------------------------------------------- handoff
 
-    def load_adapter(self, write_adapter: Callable[[Path], None], version: int) -> None:
-        """Serve a new LoRA version: written to a fresh directory, new name, new id, old one removed."""
+    def load_adapter(self, write_adapter: Callable[[Path], None], version: int, tenant: str = DEFAULT_TENANT) -> None:
+        """Serve a tenant's new LoRA version: written to a fresh directory, new name, new id, old one removed."""
         from vllm.lora.request import LoRARequest
 
         assert self._handoff_dir is not None, "engine was built without LoRA (FullFT run)"
-        assert version > self.version, f"policy versions must increase: {version} after {self.version}"
-        path = self._handoff_dir / f"v{version}"
+        previous, served = self._loras.get(tenant), self.versions.get(tenant, -1)
+        assert version > served, f"policy versions of {tenant!r} must increase: {version} after {served}"
+        assert previous is not None or len(self._loras) < self.spec.max_loras, (
+            f"engine was built for {self.spec.max_loras} tenants; {tenant!r} would be one more than {sorted(self._loras)}"
+        )
+        name = f"{tenant}-v{version}"
+        path = self._handoff_dir / name
         write_adapter(path)
-        request = LoRARequest(lora_name=f"policy-v{version}", lora_int_id=version + 1, lora_path=str(path))
+        request = LoRARequest(lora_name=name, lora_int_id=next(self._lora_ids), lora_path=str(path))
         engine = self.llm.llm_engine
         if not engine.add_lora(request):
-            raise RuntimeError(f"vLLM refused adapter version {version} at {path}")
-        previous, self._lora, self.version = self._lora, request, version
+            raise RuntimeError(f"vLLM refused adapter {name} at {path}")
+        self._loras[tenant], self.versions[tenant] = request, version
         if previous is not None:
             engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path, ignore_errors=True)
-        loaded = engine.list_loras()
-        if loaded != {request.lora_int_id}:
-            raise RuntimeError(f"engine holds adapters {sorted(loaded)}, expected only {request.lora_int_id}")
+        loaded, expected = set(engine.list_loras()), {r.lora_int_id for r in self._loras.values()}  # a list from an engine process
+        if loaded != expected:
+            raise RuntimeError(f"engine holds adapters {sorted(loaded)}, expected exactly {sorted(expected)} (one per tenant)")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """FullFT: push new weights (checkpoint names) into the running engine."""
         assert self.spec.lora_rank is None, "FullFT handoff on a LoRA engine"
         assert version > self.version, f"policy versions must increase: {version} after {self.version}"
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        if self.spec.in_process:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        else:  # tensors do not survive the trip to the engine's process (they arrive as lists): a file does
+            path = handoff_root()
+            save_safetensors(weights, path / "model.safetensors", getattr(torch, self.spec.dtype))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+            shutil.rmtree(path, ignore_errors=True)
+        self.llm.collective_rpc("retie_word_embeddings")
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
-        self.version = version
+        self.versions[DEFAULT_TENANT] = version
+
+    @contextlib.contextmanager
+    def asleep(self) -> Iterator[None]:
+        """Around the learner's step: with sleep mode the engine frees its GPU memory meanwhile.
+
+        vLLM sleep level 1 keeps the weights in host memory and drops the KV cache (and with it
+        the prefix cache); the LoRA or FullFT handoff after waking works as on an awake engine.
+        Without sleep mode (`placement` other than sleep) this does nothing.
+        """
+        if not self.spec.sleep_mode:
+            yield
+            return
+        self.llm.sleep(level=1)
+        try:
+            yield
+        finally:
+            self.llm.wake_up()
 
     def close(self) -> None:
         if self._handoff_dir is not None:
             shutil.rmtree(self._handoff_dir, ignore_errors=True)
         del self.llm
+
+
+@dataclass(frozen=True)
+class AdapterSlot:
+    """One tenant of a shared engine, seen through a single-run Sampler's handoff API (`rlora.rl.publish`)."""
+
+    sampler: Sampler
+    tenant: str
+
+    @property
+    def version(self) -> int:
+        return self.sampler.versions.get(self.tenant, -1)
+
+    def load_adapter(self, write_adapter: Callable[[Path], None], version: int) -> None:
+        self.sampler.load_adapter(write_adapter, version, self.tenant)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        raise TypeError(f"tenant {self.tenant!r}: a shared engine serves LoRA adapters, not full weights")
+
+    def prompt_logprobs(self, token_ids: Sequence[int]) -> list[float]:
+        return self.sampler.prompt_logprobs(token_ids, self.tenant)
 

@@ -198,7 +198,11 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"sweep file {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+    return parse_sweep(yaml.safe_load(path.read_text()) or {}, path, out)
+
+
+def parse_sweep(spec: object, path: Path, out: str | Path | None = None) -> Sweep:
+    """A sweep from the mapping read out of `path` (`rlora.launch` reads plan files this way, its own keys removed)."""
     where = f" in {path}"
     if not isinstance(spec, dict):
         raise ConfigError(f"sweep file {path} must be a mapping with keys {SPEC_KEYS}")
@@ -314,10 +318,15 @@ def run_point(kind: Kind, point: Point, device: str | None, progress: bool) -> s
         except Exception:  # one bad point (diverged to an exception, out of memory): record it, go on
             (run_dir / ERROR_FILE).write_text(traceback.format_exc())
             return "failed"
-        (run_dir / ERROR_FILE).unlink(missing_ok=True)
-        done = {"wall_s": time.time() - start, "resumed": status == "partial", "time": time.time()}
-        (run_dir / DONE_FILE).write_text(json.dumps(done) + "\n")
+        mark_done(run_dir, time.time() - start, resumed=status == "partial")
         return "done"
+
+
+def mark_done(run_dir: Path, wall_s: float, resumed: bool) -> None:
+    """The done marker that makes every later sweep or launch skip the run; a stale error goes."""
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    done = {"wall_s": wall_s, "resumed": resumed, "time": time.time()}
+    (run_dir / DONE_FILE).write_text(json.dumps(done) + "\n")
 
 
 def _set_device(run_dir: Path, device: str) -> None:

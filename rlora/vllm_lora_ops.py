@@ -258,7 +258,11 @@ class SlotWeightCache:
         key = (id(lora_a_stacked[0]), slot, widths)
         versions = tuple(t._version for t in tensors)
         entry = self._entries.get(key)
-        if entry is not None and entry[1] == versions and entry[0][0] is tensors[0]:
+        if (
+            entry is not None
+            and entry[1] == versions
+            and all(cached is t for cached, t in zip(entry[0], tensors))
+        ):
             return entry[2]
         weights = prepare_slot_weights(lora_a_stacked, lora_b_stacked, widths, slot)
         self._entries[key] = (tensors, versions, weights)

@@ -26,19 +26,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import REPO, emit_result, run_worker
+
 PRESETS = {"lora": REPO / "configs" / "rl_cpu_demo_lora_r1.yaml", "full": REPO / "configs" / "rl_cpu_demo_full.yaml"}
 ARMS = ("r1", "r8", "r64", "full")
 TARGET_SECONDS = 0.5
 TARGET_SHARE = 0.05
-RESULT_MARKER = "RLORA_BENCH_RESULT "
 
 
 def arm_rank(arm: str) -> int | None:
@@ -84,19 +82,11 @@ class StepResult:
 
 
 def publisher(learner: object, sampler: object) -> Callable[[int], dict[str, float]]:
-    """`rlora.rl.publish` bound to this learner, sampler and the bf16 probe, for either of its signatures.
-
-    publish(learner, sampler, version, probe_ids, tol) became publish(learner, sampler, version,
-    Probe(probe_ids, noise)) when the probe gained its staleness check; both are timed the same way.
-    """
+    """`rlora.rl.publish` bound to this learner, sampler and the bf16 probe."""
     from rlora import rl
 
-    ids = rl.probe_ids(sampler.tokenizer)  # type: ignore[attr-defined]
-    if hasattr(rl, "Probe"):
-        probe = rl.Probe(ids, rl.PROBE_NOISE["bfloat16"])
-        return lambda version: rl.publish(learner, sampler, version, probe)  # type: ignore[arg-type]
-    tol = rl.PROBE_TOLERANCE["bfloat16"]  # type: ignore[attr-defined]
-    return lambda version: rl.publish(learner, sampler, version, ids, tol)  # type: ignore[arg-type, call-arg]
+    probe = rl.Probe(rl.probe_ids(sampler.tokenizer), rl.PROBE_NOISE["bfloat16"])  # type: ignore[attr-defined]
+    return lambda version: rl.publish(learner, sampler, version, probe)  # type: ignore[arg-type]
 
 
 def run_handoff(job: Job) -> HandoffResult:
@@ -154,25 +144,9 @@ def run_step(job: Job) -> StepResult:
     return StepResult(job.arm, rows)
 
 
-def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a worker: this checkout first on the import path.
-
-    A worker's sys.path[0] is scripts/, so without this `rlora` and `rewards` come from however
-    the package was installed (an editable install made before rewards/__init__.py existed
-    serves `rewards` as an empty namespace package).
-    """
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
-
-
-def run_in_subprocess(job: Job) -> HandoffResult | StepResult:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(asdict(job))], capture_output=True, text=True, cwd=REPO, env=worker_env())
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise RuntimeError(f"{job.kind} {job.arm}: worker failed with exit code {proc.returncode}")
-    data = json.loads(lines[-1][len(RESULT_MARKER) :])
-    return HandoffResult(**data) if job.kind == "handoff" else StepResult(**data)
+def run_in_subprocess(job: Job, contention: dict[str, float]) -> HandoffResult | StepResult:
+    data = run_worker(__file__, asdict(job), f"{job.kind} {job.arm}", contention)
+    return HandoffResult(**data) if job.kind == "handoff" else StepResult(**data)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -221,7 +195,7 @@ def main() -> None:
     if args.worker:
         job = Job(**json.loads(args.worker))
         result = run_handoff(job) if job.kind == "handoff" else run_step(job)
-        print(RESULT_MARKER + json.dumps(asdict(result)), flush=True)
+        emit_result(asdict(result))
         return
 
     reps, n_steps = (1, 2) if args.quick else (args.reps, args.steps)
@@ -229,13 +203,14 @@ def main() -> None:
     print(f"arms {', '.join(args.arms)}; bf16; {reps} handoffs after a warm-up; real runs of {n_steps} steps; RLORA_FAST_LORA={fast_lora}", flush=True)
     handoffs: dict[str, HandoffResult] = {}
     steps: dict[str, StepResult] = {}
+    contention: dict[str, float] = {}
     for arm in args.arms:
-        h = run_in_subprocess(Job("handoff", arm, reps, args.quick))
+        h = run_in_subprocess(Job("handoff", arm, reps, args.quick), contention)
         assert isinstance(h, HandoffResult)
         handoffs[arm] = h
         print(f"  {arm}: handoff {statistics.median(h.handoff_s):.3f} s (max {max(h.handoff_s):.3f}), verify {statistics.median(h.verify_s):.3f} s", flush=True)
         if not args.no_steps:
-            s = run_in_subprocess(Job("step", arm, n_steps, args.quick))
+            s = run_in_subprocess(Job("step", arm, n_steps, args.quick), contention)
             assert isinstance(s, StepResult)
             steps[arm] = s
             print(f"  {arm}: step {s.timed('step_s'):.1f} s, handoff in run {s.timed('handoff_s'):.3f} s", flush=True)
@@ -255,6 +230,7 @@ def main() -> None:
             "handoff": {arm: asdict(h) for arm, h in handoffs.items()},
             "steps": {arm: asdict(s) for arm, s in steps.items()},
             "verdicts": verdicts,
+            "foreign_cpu_share": contention,
         }
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
 

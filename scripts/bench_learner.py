@@ -29,19 +29,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchlib import emit_result, run_worker
+
 TARGET_TIME = 0.5
 TARGET_MEMORY = 0.4
-RESULT_MARKER = "RLORA_BENCH_RESULT "
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -176,24 +173,8 @@ def run_arm(job: Job) -> Result:
     )
 
 
-def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a worker: this checkout first on the import path.
-
-    A worker's sys.path[0] is scripts/, so without this `rlora` and `rewards` come from however
-    the package was installed (an editable install made before rewards/__init__.py existed
-    serves `rewards` as an empty namespace package).
-    """
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
-
-
-def run_in_subprocess(job: Job) -> Result:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(asdict(job))], capture_output=True, text=True, cwd=REPO, env=worker_env())
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise RuntimeError(f"{job.arm} {job.dtype}: worker failed with exit code {proc.returncode}")
-    return Result(**json.loads(lines[-1][len(RESULT_MARKER) :]))
+def run_in_subprocess(job: Job, contention: dict[str, float]) -> Result:
+    return Result(**run_worker(__file__, asdict(job), f"{job.arm} {job.dtype}", contention))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -235,17 +216,18 @@ def main() -> None:
 
     if args.worker:
         result = run_arm(Job(**json.loads(args.worker)))
-        print(RESULT_MARKER + json.dumps(asdict(result)), flush=True)
+        emit_result(asdict(result))
         return
 
     shape = (2, 2, 8, 1) if args.quick else (8, 8, 64, args.steps)
     print(f"batch: {shape[0]} groups x {shape[1]} rollouts, prompt 45 + {shape[2]} completion tokens; micro-batch {args.micro_batch}", flush=True)
     results: list[Result] = []
     summary = {}
+    contention: dict[str, float] = {}
     for dtype in args.dtypes:
         by_arm = {}
         for arm in ("r1", "full"):
-            r = run_in_subprocess(Job(arm, dtype, *shape[:3], shape[3], args.micro_batch))
+            r = run_in_subprocess(Job(arm, dtype, *shape[:3], shape[3], args.micro_batch), contention)
             by_arm[arm] = r
             results.append(r)
             print(f"  {arm} {dtype}: {statistics.median(r.step_s):.2f} s/step, {r.tok_s:,.0f} tok/s, peak {r.peak_mb:,.0f} MB", flush=True)
@@ -260,7 +242,7 @@ def main() -> None:
         )
     print(format_table(results))
     if args.out:
-        payload = {"results": [asdict(r) | {"tok_s": r.tok_s} for r in results], "ratios": summary}
+        payload = {"results": [asdict(r) | {"tok_s": r.tok_s} for r in results], "ratios": summary, "foreign_cpu_share": contention}
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
 
 

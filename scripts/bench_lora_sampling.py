@@ -5,13 +5,15 @@ Each configuration runs in its own process (a fresh in-process vLLM engine; one 
   ours r{R}     a random rank-R adapter on all seven projections, `max_lora_rank=R`, served with
                 rlora's grouped-GEMM ops (`rlora.vllm_plugin`)
   stock r16     the same at rank 16 with vLLM's own CPU ops (`RLORA_FAST_LORA=0`)
-Every configuration first warms up with the timed batch shape, then measures, `--repeats` times
-on fresh prompts and keeping the fastest (the machine is shared; others only slow a run down):
+The configurations run round-robin for `--rounds` rounds (a fresh process each time), so that a
+burst of other work on this shared machine hits different configurations in different rounds;
+each process warms up with the timed batch shape, then measures `--repeats` times on fresh
+prompts. The fastest measurement of each configuration is reported (others only slow a run down):
   prefill tok/s   distinct prompts, one new token each, prefix cache reset: prompt tokens / s
   sample tok/s    the RL workload (P prompts x G samples x T new tokens, `ignore_eos=True` so
                   lengths are fixed), prefix cache reset: generated tokens / s of the whole call
 The table gives ratios to the base model measured in the same run, and each configuration's
-spread (slowest / fastest sampling repetition) as a noise gauge.
+spread (slowest / fastest sampling measurement) as a noise gauge.
 
 Run it under the machine's heavy-job lock:
     flock /tmp/rlora-heavy.lock .venv/bin/python scripts/bench_lora_sampling.py --out bench.json
@@ -22,13 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from rlora.models import resolve_model
+
 RANKS = (1, 8, 16, 64)
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STOCK_RANK = 16
 TARGET_RATIO = 0.85
 
@@ -39,6 +45,8 @@ class BenchConfig:
     """Row label."""
     lora_rank: int
     """Adapter rank and `max_lora_rank`; 0 for the base model without LoRA."""
+    adapter_dir: str
+    """The rank-`lora_rank` PEFT adapter ("" for the base model)."""
     fast_lora: bool
     """rlora's grouped-GEMM ops (True) or vLLM's stock CPU ops (False)."""
     prompts: int
@@ -50,8 +58,7 @@ class BenchConfig:
     prompt_words: int
     """Length of each prompt's filler text, in words (sets the prefill size)."""
     repeats: int
-    """Timed repetitions of each phase (fresh prompts each time); the fastest one is reported,
-    since on a shared machine other work only ever slows a run down."""
+    """Timed repetitions of each phase within one process (fresh prompts each time)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,18 @@ class BenchResult:
     """Generated tokens per sampling repetition."""
     sample_s: list[float]
     """Seconds of each sampling repetition."""
+
+    def merged(self, other: BenchResult) -> BenchResult:
+        """Both runs' measurements of the same configuration (another round)."""
+        assert other.config == self.config, "merging different configurations"
+        return BenchResult(
+            self.config,
+            min(self.engine_start_s, other.engine_start_s),
+            self.prefill_tokens,
+            self.prefill_s + other.prefill_s,
+            self.sample_tokens,
+            self.sample_s + other.sample_s,
+        )
 
     @property
     def prefill_tok_s(self) -> float:
@@ -106,10 +125,11 @@ def make_adapter(model_path: str, rank: int, out_dir: str) -> None:
     config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=TARGET_MODULES,
         init_lora_weights=False,
     )
-    get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config).save_pretrained(out_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config)
+    model.save_pretrained(out_dir)
 
 
 def run_config(config: BenchConfig) -> BenchResult:
@@ -120,15 +140,11 @@ def run_config(config: BenchConfig) -> BenchResult:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from rlora.models import resolve_model
-
     model_path = resolve_model("default")
     lora_request = None
     lora_kwargs: dict[str, object] = {"enable_lora": False}
     if config.lora_rank > 0:
-        adapter_dir = tempfile.mkdtemp(prefix=f"rlora-bench-r{config.lora_rank}-")
-        make_adapter(model_path, config.lora_rank, adapter_dir)
-        lora_request = LoRARequest(f"bench-r{config.lora_rank}", 1, adapter_dir)
+        lora_request = LoRARequest(f"bench-r{config.lora_rank}", 1, config.adapter_dir)
         lora_kwargs = {"enable_lora": True, "max_lora_rank": config.lora_rank, "max_loras": 1}
 
     start = time.perf_counter()
@@ -164,7 +180,8 @@ def run_config(config: BenchConfig) -> BenchResult:
     prefill_s, sample_s = [], []
     for rep in range(config.repeats):  # disjoint prompt sets: no prefix cache reuse
         offset = 2 * rep * config.prompts
-        prefill_tokens, _, seconds = generate(make_prompts(config.prompts, words, offset), one_token)
+        prompts = make_prompts(config.prompts, words, offset)
+        prefill_tokens, _, seconds = generate(prompts, one_token)
         prefill_s.append(seconds)
         prompts = make_prompts(config.prompts, words, offset + config.prompts)
         _, sample_tokens, seconds = generate(prompts, sampling)
@@ -215,7 +232,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="T new tokens per sample")
     parser.add_argument("--prompt-words", type=int, default=30, help="filler words per prompt")
     parser.add_argument("--ranks", type=int, nargs="*", default=list(RANKS))
-    parser.add_argument("--repeats", type=int, default=2, help="timed repetitions (best kept)")
+    parser.add_argument("--rounds", type=int, default=2, help="round-robin rounds (best kept)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repetitions per process")
     parser.add_argument("--no-stock", action="store_true", help="skip the slow stock-ops row")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -227,27 +245,40 @@ def main() -> None:
         print("RLORA_BENCH_RESULT " + json.dumps(fields), flush=True)
         return
 
-    workload = (args.prompts, args.samples, args.new_tokens, args.prompt_words)
-    configs = [BenchConfig("base", 0, True, *workload, args.repeats)]
+    workload = (args.prompts, args.samples, args.new_tokens, args.prompt_words, args.repeats)
+    adapters_dir = tempfile.mkdtemp(prefix="rlora-bench-adapters-")
+    adapter_dirs = {}
+    for rank in sorted({*args.ranks, STOCK_RANK}):
+        adapter_dirs[rank] = os.path.join(adapters_dir, f"r{rank}")
+        make_adapter(resolve_model("default"), rank, adapter_dirs[rank])
+    configs = [BenchConfig("base", 0, "", True, *workload)]
     configs += [
-        BenchConfig(f"ours r{rank}", rank, True, *workload, args.repeats) for rank in args.ranks
+        BenchConfig(f"ours r{rank}", rank, adapter_dirs[rank], True, *workload)
+        for rank in args.ranks
     ]
-    if not args.no_stock:  # about 7x slower: one repetition is plenty to show it
-        configs.append(BenchConfig(f"stock r{STOCK_RANK}", STOCK_RANK, False, *workload, 1))
+    stock_dir = adapter_dirs[STOCK_RANK]
+    stock = BenchConfig(f"stock r{STOCK_RANK}", STOCK_RANK, stock_dir, False, *workload)
     print(
         f"workload: {args.prompts} prompts x {args.samples} samples x {args.new_tokens} new "
-        f"tokens, bf16, in-process eager engine, max_loras=1, best of {args.repeats}",
+        f"tokens, bf16, in-process eager engine, max_loras=1, best of "
+        f"{args.rounds} rounds x {args.repeats} repeats",
         flush=True,
     )
-    results = []
-    for config in configs:
-        results.append(run_in_subprocess(config))
-        r = results[-1]
-        print(
-            f"  {config.name}: prefill {r.prefill_tok_s:,.0f} tok/s, "
-            f"sample {r.sample_tok_s:,.0f} tok/s",
-            flush=True,
-        )
+    by_name: dict[str, BenchResult] = {}
+    for round_index in range(args.rounds):
+        # Stock is about 7x slower: one measurement is plenty to show it.
+        extra = [stock] if round_index == 0 and not args.no_stock else []
+        for config in configs + extra:
+            r = run_in_subprocess(config)
+            print(
+                f"  round {round_index + 1} {config.name}: prefill {r.prefill_tok_s:,.0f} tok/s, "
+                f"sample {r.sample_tok_s:,.0f} tok/s",
+                flush=True,
+            )
+            previous = by_name.get(config.name)
+            by_name[config.name] = r if previous is None else previous.merged(r)
+    shutil.rmtree(adapters_dir)
+    results = [by_name[c.name] for c in configs + ([] if args.no_stock else [stock])]
     print(format_table(results))
     base = results[0]
     ours = [r for r in results if r.config.lora_rank > 0 and r.config.fast_lora]

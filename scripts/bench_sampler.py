@@ -30,17 +30,15 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchlib import emit_result, run_worker
+
 TARGET_RATIO = 20.0
 ARITH_MAX = 9
-RESULT_MARKER = "RLORA_BENCH_RESULT "
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -194,25 +192,9 @@ def run_hf(job: Job) -> list[Timing]:
 WORKERS = {"hf": run_hf, "vllm": run_vllm}
 
 
-def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a worker: this checkout first on the import path.
-
-    A worker's sys.path[0] is scripts/, so without this `rlora` and `rewards` come from however
-    the package was installed (an editable install made before rewards/__init__.py existed
-    serves `rewards` as an empty namespace package).
-    """
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
-
-
-def run_in_subprocess(job: Job) -> list[Timing]:
-    """One job per process: each side gets a clean torch, and vLLM's in-process engine is not torn down cleanly."""
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(asdict(job))], capture_output=True, text=True, cwd=REPO, env=worker_env())
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise RuntimeError(f"{job.side} worker failed with exit code {proc.returncode}")
-    return [Timing(**t) for t in json.loads(lines[-1][len(RESULT_MARKER) :])]
+def run_in_subprocess(job: Job, contention: dict[str, float]) -> list[Timing]:
+    label = f"{job.side} {'rank-1' if job.adapter_dir else 'base'}"
+    return [Timing(**t) for t in run_worker(__file__, asdict(job), label, contention)]  # type: ignore[union-attr]
 
 
 def job_from_json(text: str) -> Job:
@@ -245,7 +227,7 @@ def write_rank1_adapter(out_dir: Path) -> None:
 
 def format_table(timings: list[Timing]) -> str:
     hf = {(t.adapter, t.workload): t for t in timings if t.side == "hf"}
-    header = f"| side | adapter | P x G x T | tokens/call | median s | tok/s | vLLM / HF |"
+    header = "| side | adapter | P x G x T | tokens/call | median s | tok/s | vLLM / HF |"
     rows = [header, "| --- | --- | --- | --- | --- | --- | --- |"]
     for t in timings:
         ref = hf.get((t.adapter, t.workload)) if t.side == "vllm" else None
@@ -269,7 +251,7 @@ def main() -> None:
     if args.worker:  # child process: one side, one adapter
         job = job_from_json(args.worker)
         timings = WORKERS[job.side](job)
-        print(RESULT_MARKER + json.dumps([asdict(t) for t in timings]), flush=True)
+        emit_result([asdict(t) for t in timings])
         return
 
     if args.quick:
@@ -279,13 +261,14 @@ def main() -> None:
     fast_lora = os.environ.get("RLORA_FAST_LORA", "1 (default)")
     print(f"workloads: {same.label} (both sides), {larger.label} (vLLM only); bf16; RLORA_FAST_LORA={fast_lora}", flush=True)
     timings: list[Timing] = []
+    contention: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="rlora-bench-sampler-") as tmp:
         adapter_dir = Path(tmp) / "rank1"
         write_rank1_adapter(adapter_dir)
         for adapter in args.adapters:
             path = str(adapter_dir) if adapter == "rank-1" else ""
             for job in (Job("hf", path, (same,), hf_reps, False), Job("vllm", path, (same, larger), reps, True)):
-                for t in run_in_subprocess(job):
+                for t in run_in_subprocess(job, contention):
                     timings.append(t)
                     print(f"  {t.side} {t.adapter} {t.workload}: {t.tok_s:,.0f} tok/s (calls {', '.join(f'{s:.2f}' for s in t.seconds)} s)", flush=True)
     print(format_table(timings))
@@ -301,6 +284,7 @@ def main() -> None:
             "fast_lora_env": fast_lora,
             "timings": [asdict(t) | {"tok_s": t.tok_s} for t in timings],
             "ratios": verdicts,
+            "foreign_cpu_share": contention,
         }
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
 

@@ -32,17 +32,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import REPO, emit_result, run_worker
+
 PRESETS = {"full": REPO / "configs" / "rl_cpu_demo_full.yaml", "lora": REPO / "configs" / "rl_cpu_demo_lora_r1.yaml"}
 TARGET_SPEEDUP = 3.0
-RESULT_MARKER = "RLORA_BENCH_RESULT "
 
 
 @dataclass(frozen=True)
@@ -198,25 +197,9 @@ def run_trl(job: Job) -> Result:
 WORKERS = {"ours": run_ours, "trl": run_trl}
 
 
-def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a worker: this checkout first on the import path.
-
-    A worker's sys.path[0] is scripts/, so without this `rlora` and `rewards` come from however
-    the package was installed (an editable install made before rewards/__init__.py existed
-    serves `rewards` as an empty namespace package).
-    """
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
-
-
-def run_in_subprocess(job: Job) -> Result:
-    env = worker_env({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(asdict(job))], capture_output=True, text=True, cwd=REPO, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-6000:])
-        raise RuntimeError(f"{job.side} {job.arm}: worker failed with exit code {proc.returncode}")
-    return Result(**json.loads(lines[-1][len(RESULT_MARKER) :]))
+def run_in_subprocess(job: Job, contention: dict[str, float]) -> Result:
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return Result(**run_worker(__file__, asdict(job), f"{job.side} {job.arm}", contention, offline))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -249,7 +232,7 @@ def main() -> None:
 
     if args.worker:
         job = Job(**json.loads(args.worker))
-        print(RESULT_MARKER + json.dumps(asdict(WORKERS[job.side](job))), flush=True)
+        emit_result(asdict(WORKERS[job.side](job)))
         return
 
     work, ours_steps, trl_steps = ((2, 2, 8, 2), 2, 2) if args.quick else ((8, 8, 64, 16), args.ours_steps, args.trl_steps)
@@ -257,10 +240,11 @@ def main() -> None:
     print(f"work per step: {work[0]} prompts x {work[1]} samples x <= {work[2]} tokens, micro-batch {work[3]}; RLORA_FAST_LORA={fast_lora}", flush=True)
     results: list[Result] = []
     verdicts = {}
+    contention: dict[str, float] = {}
     for arm in args.arms:
-        ours = run_in_subprocess(Job("ours", arm, ours_steps, *work))
+        ours = run_in_subprocess(Job("ours", arm, ours_steps, *work), contention)
         print(f"  {arm} ours: {', '.join(f'{s:.1f}' for s in ours.step_s)} s", flush=True)
-        trl = run_in_subprocess(Job("trl", arm, trl_steps, *work))
+        trl = run_in_subprocess(Job("trl", arm, trl_steps, *work), contention)
         print(f"  {arm} trl ({trl.precision}): {', '.join(f'{s:.1f}' for s in trl.step_s)} s", flush=True)
         results += [ours, trl]
         speedup = trl.timed_s / ours.timed_s
@@ -274,7 +258,7 @@ def main() -> None:
     for arm, v in verdicts.items():
         print(f"{arm}: TRL {v['trl_s']:.1f} s/step, ours {v['ours_s']:.1f} s/step: {v['speedup']:.1f}x (target >= {TARGET_SPEEDUP:g}x): {'PASS' if v['pass'] else 'FAIL'}")
     if args.out:
-        payload = {"fast_lora_env": fast_lora, "results": [asdict(r) | {"timed_s": r.timed_s} for r in results], "verdicts": verdicts}
+        payload = {"fast_lora_env": fast_lora, "results": [asdict(r) | {"timed_s": r.timed_s} for r in results], "verdicts": verdicts, "foreign_cpu_share": contention}
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
 
 

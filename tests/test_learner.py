@@ -14,18 +14,6 @@ from rlora.losses import LOSSES
 from rlora.types import Group, Prompt, Rollout
 
 
-@pytest.fixture(scope="module")
-def tiny_model_path(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
-
-
 def _batch(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     groups = []

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from vllm import LLM  # noqa: E402
 from vllm.lora.layers import LoRAMapping  # noqa: E402
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 
@@ -51,7 +53,10 @@ def slots_of(lora_ids: list[int], slot_ids: list[int | None]) -> list[int]:
     return [slot_ids.index(i) if i > 0 else -1 for i in lora_ids]
 
 
-def random_stacked(*shape: int, dtype: torch.dtype, empty_slots: tuple[int, ...] = ()) -> torch.Tensor:
+def random_stacked(
+    *shape: int, dtype: torch.dtype, empty_slots: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """(SLOTS, 1, *shape) random weights, zero in `empty_slots`."""
     w = torch.randn(SLOTS, 1, *shape, dtype=torch.float64)
     for slot in empty_slots:
         w[slot] = 0
@@ -355,6 +360,16 @@ PROMPTS = [
     "Three plus four equals",
     "Once upon a time, a small robot",
 ]
+USES_LORA = [True, False, True, False]  # one mixed batch: LoRA and base requests alternate
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One greedy completion and the engine's logprob of each of its tokens."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
 
 
 def save_random_adapter(model_path: str, out_dir: Path, rank: int) -> None:
@@ -363,28 +378,33 @@ def save_random_adapter(model_path: str, out_dir: Path, rank: int) -> None:
 
     torch.manual_seed(1234)
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False)
-    get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config).save_pretrained(
-        out_dir
-    )
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config)
+    model.save_pretrained(out_dir)
 
 
-def hf_logprobs(model: torch.nn.Module, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
-    """Log-probabilities of the completion tokens under a transformers model (float32)."""
-    ids = torch.tensor([prompt_ids + completion_ids])
+def hf_logprobs(model: torch.nn.Module, sampled: Sampled) -> torch.Tensor:
+    """(T,) log-probabilities of the completion's tokens under a transformers model."""
+    ids = torch.tensor([sampled.prompt_ids + sampled.token_ids])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
-    return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion_ids)[:, None])[:, 0]
+        logits_T_V = model(ids).logits[0, len(sampled.prompt_ids) - 1 : -1].float()
+    targets_T = torch.tensor(sampled.token_ids)
+    return torch.log_softmax(logits_T_V, -1).gather(1, targets_T[:, None])[:, 0]
 
 
 def punica_wrapper_types(worker: object) -> list[str]:
-    """Runs inside the engine's worker (collective_rpc): the wrapper classes of its LoRA layers."""
+    """Runs in the engine's worker (collective_rpc): the wrapper classes of its LoRA layers."""
     model = worker.model_runner.get_model()  # type: ignore[attr-defined]
-    return sorted({type(m.punica_wrapper).__name__ for m in model.modules() if hasattr(m, "punica_wrapper")})
+    layers = [m for m in model.modules() if hasattr(m, "punica_wrapper")]
+    return sorted({type(m.punica_wrapper).__name__ for m in layers})
 
 
 @pytest.fixture(scope="module")
-def engine_and_adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, str, str]]:
-    """An in-process float32 engine with one adapter slot (the case the stock ops got wrong)."""
+def engine_and_adapter(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LLM, str, str]]:
+    """An in-process float32 engine with ONE adapter slot: the case the stock ops got wrong."""
+    from vllm import LLM
+
     from rlora.models import resolve_model
 
     model_path = resolve_model("default")
@@ -395,8 +415,6 @@ def engine_and_adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         mp.delenv("RLORA_FAST_LORA", raising=False)
-        from vllm import LLM
-
         llm = LLM(
             model=model_path,
             dtype="float32",
@@ -416,57 +434,62 @@ def engine_and_adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_engine_lora_logprobs_match_peft_and_mixed_batches_are_separated(
-    engine_and_adapter: tuple[object, str, str],
+    engine_and_adapter: tuple[LLM, str, str],
 ) -> None:
+    """float32 engine vs transformers(+peft) float32, and a mixed batch vs separate calls.
+
+    With vLLM's stock ops this fails: the base requests of the mixed batch get the adapter.
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
     llm, model_path, adapter_dir = engine_and_adapter
-    assert isinstance(llm, LLM)
     assert llm.collective_rpc(punica_wrapper_types) == [["GroupedPunicaWrapperCPU"]]
-
     lora = LoRARequest("random-r8", 1, adapter_dir)
     params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=0, ignore_eos=True)
-    use_lora = [True, False, True, False]
 
-    def run(prompts: list[str], loras: list[LoRARequest | None]) -> list[tuple[list[int], list[int], list[float]]]:
+    def sample(prompts: list[str], loras: list[LoRARequest | None]) -> list[Sampled]:
         llm.reset_prefix_cache()
-        outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
-        results = []
-        for out in outs:
-            c = out.outputs[0]
-            lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)]
-            results.append((list(out.prompt_token_ids), list(c.token_ids), lps))
-        return results
-
-    mixed = run(PROMPTS, [lora if u else None for u in use_lora])
-    lora_only = run([p for p, u in zip(PROMPTS, use_lora) if u], [lora, lora])
-    base_only = run([p for p, u in zip(PROMPTS, use_lora) if not u], [None, None])
-    separate = [lora_only[0], base_only[0], lora_only[1], base_only[1]]
-    for (p_m, c_m, lp_m), (p_s, c_s, lp_s) in zip(mixed, separate):
-        assert c_m == c_s, "a mixed batch changed a request's greedy tokens"
-        torch.testing.assert_close(torch.tensor(lp_m), torch.tensor(lp_s), atol=1e-4, rtol=0)
-    assert mixed[0][1] != mixed[1][1] or mixed[0][2] != mixed[1][2]  # the adapter does something
-
-    base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
-    for (prompt_ids, completion, lps), u in zip(mixed, use_lora):
-        if not u:
-            torch.testing.assert_close(
-                torch.tensor(lps), hf_logprobs(base, prompt_ids, completion), atol=2e-4, rtol=0
+        outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        return [
+            Sampled(
+                prompt_ids=list(out.prompt_token_ids),
+                token_ids=list(c.token_ids),
+                logprobs=[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)],
             )
+            for out in outputs
+            for c in out.outputs
+        ]
+
+    mixed = sample(PROMPTS, [lora if u else None for u in USES_LORA])
+    with_lora = iter(sample([p for p, u in zip(PROMPTS, USES_LORA) if u], [lora, lora]))
+    without = iter(sample([p for p, u in zip(PROMPTS, USES_LORA) if not u], [None, None]))
+    separate = [next(with_lora) if u else next(without) for u in USES_LORA]
+    for m, s in zip(mixed, separate):
+        assert m.token_ids == s.token_ids, "a mixed batch changed a request's greedy tokens"
+        torch.testing.assert_close(
+            torch.tensor(m.logprobs), torch.tensor(s.logprobs), atol=1e-4, rtol=0
+        )
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    for (prompt_ids, completion, lps), u in zip(mixed, use_lora):
-        if u:
-            torch.testing.assert_close(
-                torch.tensor(lps), hf_logprobs(peft_model, prompt_ids, completion), atol=2e-4, rtol=0
-            )
+    for m, uses_lora in zip(mixed, USES_LORA):
+        if uses_lora:
+            want = hf_logprobs(peft_model, m)
+        else:
+            with peft_model.disable_adapter():
+                want = hf_logprobs(peft_model, m)
+        torch.testing.assert_close(torch.tensor(m.logprobs), want, atol=2e-4, rtol=0)
+    with peft_model.disable_adapter():  # the adapter matters, so the checks above have teeth
+        unadapted = hf_logprobs(peft_model, mixed[0])
+    assert (unadapted - torch.tensor(mixed[0].logprobs)).abs().max() > 0.1
 
 
 CHILD_SCRIPT = textwrap.dedent(
     """
-    import os, sys
+    import sys
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -504,7 +527,7 @@ def test_plugin_active_in_separate_engine_process(tmp_path: Path) -> None:
     save_random_adapter(model_path, tmp_path / "adapter", rank=8)
     script = tmp_path / "child.py"
     script.write_text(CHILD_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("RLORA_FAST_LORA",)}
+    env = {k: v for k, v in os.environ.items() if k != "RLORA_FAST_LORA"}
     env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run(
         [sys.executable, str(script), model_path, str(tmp_path / "adapter")],
@@ -516,5 +539,6 @@ def test_plugin_active_in_separate_engine_process(tmp_path: Path) -> None:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "Using GroupedPunicaWrapperCPU" in log
-    err = float(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT")).split()[-1])
+    result = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    err = float(result.split()[-1])
     assert err < 1e-4, f"base request in a mixed batch is off by {err}"

@@ -1,0 +1,339 @@
+"""A data-parallel learner over several processes (`torchrun` or `accelerate launch`).
+
+Who does what
+- Rank 0 runs the RL loop of `rlora.rl` unchanged: it owns the vLLM engine, samples, grades,
+  builds the step's TrainBatch, logs and checkpoints. Its learner is a `LeaderLearner`, which
+  has the Learner interface and announces each collective call to the other ranks first.
+- Ranks 1..W-1 run `follow(learner)`: they execute rank 0's announced calls on their own
+  learner until rank 0 says stop.
+- One step: every rank receives the whole batch (one broadcast), takes its rows (`shard_batch`),
+  and runs forward/backward on them; the gradients are SUMMED across ranks. The loss is already
+  divided by the step's global token count N, so the sum of the shards' gradients is exactly the
+  one-process gradient (averaging, as torch DDP does, would divide it by W). Every rank then
+  clips by the same global norm and takes the same AdamW step, so the replicas stay identical
+  and a 2-process step equals a 1-process step up to float summation order (tested).
+
+Two layouts (config `learner_parallel`):
+- `ddp` (`DataParallelLearner`): every rank holds the whole model, LoRA or FullFT; one
+  all-reduce(SUM) per trainable gradient after all micro-batches. We do not wrap the model in
+  torch's DistributedDataParallel: it averages, and its per-backward hooks would need `no_sync`
+  around all but the last micro-batch; one reduction after the micro-batch loop is simpler and
+  equal.
+- `fsdp` (`ShardedLearner`, FullFT only): torch FSDP2 (`fully_shard`) on every decoder layer
+  and on the decoder, so parameters, gradients and AdamW state are sharded; gradients are
+  reduce-scattered as a SUM (divide factor 1, sum-only collectives, which gloo also supports).
+  The input embedding (tied to the output layer in small models) and the output layer stay
+  whole on every rank and are summed like `ddp`: the learner calls the decoder and the output
+  layer separately (logits only at completion positions), and tied weights must stay one
+  tensor. Anything that reads the weights (the handoff probe's forward, the FullFT handoff,
+  checkpoints) is then collective and runs on every rank.
+
+Launch: `WORLD_SIZE` > 1 in the environment turns this on; accelerate's `PartialState` reads the
+launcher's variables and initialises the process group (gloo on CPU, nccl with a CPU gloo side
+on CUDA). With one process nothing here runs: the plain `Learner` makes no distributed call.
+Rows are dealt round-robin over rows sorted by length (as `build_batch` leaves them), so every
+rank gets a similar token count; shards are padded to equal row counts with empty rows, because
+FSDP's per-layer collectives need every rank to run the same number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rlora.learner import BackwardPass, ClipFn, Learner, LearnerSpec, make_optimizer, step_stats
+from rlora.losses import LossFn
+from rlora.types import TrainBatch
+
+STOP = "stop"
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the learner processes."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # index on this node: picks the learner's GPU
+    local_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_size_from_env() -> int:
+    """Learner processes the launcher started (torchrun and accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_world() -> World:
+    """Join the launcher's process group (idempotent); a single process makes no distributed call."""
+    if world_size_from_env() == 1:
+        return World()
+    from accelerate import PartialState
+
+    # gloo on a CPU machine (accelerate wants cpu=True to say so); "cuda:nccl,cpu:gloo" with CUDA
+    state = PartialState(cpu=not torch.cuda.is_available())
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    return World(state.process_index, state.num_processes, state.local_process_index, local_size)
+
+
+def close_world() -> None:
+    """Every rank, at the end: a process leaving while another still talks to it aborts (gloo)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: object = None) -> object:
+    """Rank 0's `obj` on every rank (pickled)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def from_rank0(make: Callable[[], T]) -> T:
+    """`make()` on rank 0 only (e.g. creating the run directory), its value on every rank."""
+    if world_size_from_env() == 1:
+        return make()
+    world = init_world()
+    return broadcast_object(make() if world.is_main else None)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------ sharding
+
+
+def shard_rows(num_rows: int, rank: int, world_size: int) -> list[int]:
+    """Rows of one rank: round-robin, so rows sorted by length spread their tokens evenly."""
+    return list(range(rank, num_rows, world_size))
+
+
+def shard_batch(batch: TrainBatch, rank: int, world_size: int) -> TrainBatch:
+    """This rank's rows, padded with empty rows (mask 0, length 1) to ceil(B / W) rows on every rank."""
+    B = batch.tokens_B_T.shape[0]
+    rows_b = torch.tensor(shard_rows(B, rank, world_size), dtype=torch.int64)
+    pad = math.ceil(B / world_size) - len(rows_b)
+
+    def take(x_B_T: torch.Tensor, fill: int = 0) -> torch.Tensor:
+        return torch.cat([x_B_T[rows_b], torch.full((pad, *x_B_T.shape[1:]), fill, dtype=x_B_T.dtype)])
+
+    return TrainBatch(
+        tokens_B_T=take(batch.tokens_B_T),
+        targets_B_T=take(batch.targets_B_T),
+        mask_B_T=take(batch.mask_B_T),
+        sampler_logprobs_B_T=take(batch.sampler_logprobs_B_T),
+        advantages_B=take(batch.advantages_B),
+        lengths_B=take(batch.lengths_B, fill=1),
+    )
+
+
+# ------------------------------------------------------------------------------------ gradients
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def sum_gradients(params: list[nn.Parameter]) -> None:
+    """All-reduce(SUM) the gradients FSDP does not reduce itself (every one, under `ddp`)."""
+    for p in params:
+        if is_sharded(p):
+            continue
+        if p.grad is None:  # a rank whose rows never reached this parameter still takes part
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def clip_sharded_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` over a mix of FSDP-sharded and whole gradients (torch's refuses the mix).
+
+    Sharded gradients add their local squares across ranks; whole ones are equal on every rank
+    and count once. Same clipping rule as torch: scale by min(1, max_norm / (norm + 1e-6)).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    local_G = [g.to_local() if is_sharded(g) else g for g in grads]
+    sharded_sq = torch.zeros((), device=local_G[0].device)
+    whole_sq = torch.zeros((), device=local_G[0].device)
+    for g, local in zip(grads, local_G):
+        if is_sharded(g):
+            sharded_sq += local.float().pow(2).sum()
+        else:
+            whole_sq += local.float().pow(2).sum()
+    dist.all_reduce(sharded_sq, op=dist.ReduceOp.SUM)
+    total = (sharded_sq + whole_sq).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0).item()
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+def gather_passes(seen: BackwardPass) -> list[BackwardPass]:
+    """Every rank's BackwardPass on rank 0 (an empty list elsewhere), for the step's statistics."""
+    cpu = BackwardPass(seen.loss, seen.learner_lp_N.cpu(), seen.sampler_lp_N.cpu(), seen.entropy_N.cpu())
+    out: list[BackwardPass | None] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(cpu, out, dst=0)
+    return [p for p in out or [] if p is not None]
+
+
+# ------------------------------------------------------------------------------------ learners
+
+
+class DataParallelLearner(Learner):
+    """A whole-model replica per rank (`learner_parallel: ddp`); `train_step` is collective."""
+
+    COLLECTIVE = frozenset({"train_step"})
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> dict[str, float]:
+        """Every rank, same `batch`: this rank's rows, summed gradients, one identical step; stats on rank 0."""
+        seen = self.backward(shard_batch(batch, dist.get_rank(), dist.get_world_size()), loss_fn, norm, cap, temperature)
+        sum_gradients(self.trainable)
+        grad_norm = self.optimizer_step()
+        passes = gather_passes(seen)
+        return step_stats(passes, grad_norm, cap) if passes else {}
+
+
+class ShardedLearner(DataParallelLearner):
+    """FullFT with FSDP2 (`learner_parallel: fsdp`): reading the weights is collective too."""
+
+    COLLECTIVE = frozenset({"train_step", "sequence_logprobs", "weights", "state"})
+
+    def __init__(self, spec: LearnerSpec) -> None:
+        if spec.lora is not None:
+            raise ValueError("learner_parallel=fsdp shards full fine-tuning; LoRA runs use learner_parallel=ddp")
+        super().__init__(spec)
+        shard_decoder(self.model, torch.device(spec.device).type)
+        # fully_shard replaced the parameters: the optimizer must hold the new (sharded) ones
+        self.optimizer = make_optimizer(self.model, spec)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def optimizer_step(self, clip_fn: ClipFn = clip_sharded_grad_norm_) -> float:
+        return super().optimizer_step(clip_fn)
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every rank: the whole weights gathered parameter by parameter, on rank 0's host memory."""
+        main = dist.get_rank() == 0
+        full = []
+        for name, param in self.model.named_parameters():
+            tensor = param.full_tensor() if is_sharded(param) else param.detach()
+            if main:
+                full.append((name, tensor.cpu()))
+        return iter(full)
+
+    def state(self) -> dict[str, object]:
+        """Every rank: whole weights and an FQN-keyed whole optimizer state, on rank 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        trainable = dict(self.weights())
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {"trainable": trainable, "optimizer": optimizer}
+
+    def load_state(self, state: dict[str, object]) -> None:
+        """Every rank, each with the whole checkpoint (read from the shared run directory)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, state["trainable"], options=options)  # type: ignore[arg-type]
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)  # type: ignore[arg-type]
+
+
+def shard_decoder(model: nn.Module, device_type: str) -> None:
+    """FSDP2 on each decoder layer and on the decoder; the embedding and output layer stay whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    decoder = model.get_decoder()  # type: ignore[operator]
+    units = [*decoder.layers, decoder]
+    for unit in units:
+        ignored = {model.get_input_embeddings().weight} if unit is decoder else None  # type: ignore[operator]
+        # reshard after forward, the root too (FSDP's default keeps the root whole): after a
+        # no-grad forward (the handoff probe) the parameters must again be the optimizer's shards
+        fully_shard(unit, mesh=mesh, ignored_params=ignored, reshard_after_forward=True)
+        # sum, not mean: the loss is already normalised by the global token count
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+
+
+LEARNERS: dict[str, type[DataParallelLearner]] = {"ddp": DataParallelLearner, "fsdp": ShardedLearner}
+
+
+def make_learner(spec: LearnerSpec, learner_parallel: str) -> Learner:
+    """The plain Learner in a single process; a replicated or sharded one under a launcher."""
+    if world_size_from_env() == 1:
+        return Learner(spec)
+    init_world()
+    if spec.device.startswith("cuda"):  # nccl and FSDP work on the current device; under split it is not GPU local_rank
+        torch.cuda.set_device(spec.device)
+    return LEARNERS[learner_parallel](spec)
+
+
+# ------------------------------------------------------------------------------------ rank 0 and the others
+
+
+class LeaderLearner:
+    """Rank 0's learner as the RL loop sees it: each collective call is announced to the followers first."""
+
+    def __init__(self, learner: DataParallelLearner) -> None:
+        self.learner = learner
+        self.spec = learner.spec
+
+    def _call(self, method: str, *args: object) -> object:
+        if method in self.learner.COLLECTIVE:
+            broadcast_object((method, args))
+        return getattr(self.learner, method)(*args)
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> dict[str, float]:
+        return self._call("train_step", batch, loss_fn, norm, cap, temperature)  # type: ignore[return-value]
+
+    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+        return self._call("sequence_logprobs", token_ids)  # type: ignore[return-value]
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._call("weights")  # type: ignore[return-value]
+
+    def write_adapter(self, path: Path) -> None:
+        self.learner.write_adapter(path)  # LoRA runs are replicated: rank 0 holds the whole adapter
+
+    def state(self) -> dict[str, object]:
+        return self._call("state")  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Release the followers from `follow`."""
+        broadcast_object((STOP, ()))
+
+
+def lead(learner: Learner) -> Learner | LeaderLearner:
+    """Rank 0's handle: the learner itself in a single process."""
+    return LeaderLearner(learner) if isinstance(learner, DataParallelLearner) else learner
+
+
+def follow(learner: DataParallelLearner) -> None:
+    """Ranks > 0: run rank 0's announced calls on this rank's learner until it says stop."""
+    while True:
+        method, args = broadcast_object()  # type: ignore[misc]
+        if method == STOP:
+            return
+        assert method in learner.COLLECTIVE, f"rank 0 announced {method!r}, which is not collective"
+        getattr(learner, method)(*args)
+
+
+def shutdown(learner: Learner | LeaderLearner) -> None:
+    """Rank 0 at the end of a run: release the followers and leave the process group (one process: nothing)."""
+    if isinstance(learner, LeaderLearner):
+        learner.close()
+        close_world()
