@@ -12,6 +12,10 @@ Sides, each in its own process (one at a time):
          over with `Sampler.load_adapter` exactly as the RL loop does. The fixed-length call is the
          request `Sampler.sample` makes (n=G, logprobs=0, the live adapter) plus `ignore_eos`; the
          plain `Sampler.sample` (stops at EOS, as in a run) is timed too and reported apart.
+  ceiling  no engine: one decode step's matrix products alone, every linear layer of the model
+         (lm_head included) as a bf16 GEMM over P x G rows, timed with torch. Attention, sampling
+         and scheduling are left out, so no engine can decode faster than this on the machine:
+         ceiling / HF is the largest vLLM / HF ratio this CPU allows at that batch.
 Adapters: base model (none) and one rank-1 adapter on all seven projections with non-zero B,
 written once in PEFT layout by `rlora.lora` and loaded by both sides.
 
@@ -189,7 +193,34 @@ def run_hf(job: Job) -> list[Timing]:
     return timings
 
 
-WORKERS = {"hf": run_hf, "vllm": run_vllm}
+def run_ceiling(job: Job) -> list[Timing]:
+    """Tokens/s if a decode step cost only its matrix products (see the module docstring)."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from rlora.models import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("default"), dtype=torch.bfloat16)
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)]
+    timings = []
+    for w in job.workloads:
+        rows = w.prompts * w.samples  # sequences decoding together: one new token each per step
+        x = {d_in: torch.randn(rows, d_in, dtype=torch.bfloat16) for d_in in {wt.shape[1] for wt in weights}}
+
+        def one_step() -> float:
+            start = time.perf_counter()
+            with torch.no_grad():
+                for wt in weights:
+                    torch.nn.functional.linear(x[wt.shape[1]], wt)
+            return time.perf_counter() - start
+
+        one_step()  # warm-up
+        timings.append(Timing("ceiling", "base", w.label, rows, [one_step() for _ in range(max(5, job.reps))]))
+    return timings
+
+
+WORKERS = {"hf": run_hf, "vllm": run_vllm, "ceiling": run_ceiling}
 
 
 def run_in_subprocess(job: Job, contention: dict[str, float]) -> list[Timing]:
@@ -227,10 +258,10 @@ def write_rank1_adapter(out_dir: Path) -> None:
 
 def format_table(timings: list[Timing]) -> str:
     hf = {(t.adapter, t.workload): t for t in timings if t.side == "hf"}
-    header = "| side | adapter | P x G x T | tokens/call | median s | tok/s | vLLM / HF |"
+    header = "| side | adapter | P x G x T | tokens/call | median s | tok/s | / HF |"
     rows = [header, "| --- | --- | --- | --- | --- | --- | --- |"]
     for t in timings:
-        ref = hf.get((t.adapter, t.workload)) if t.side == "vllm" else None
+        ref = hf.get((t.adapter, t.workload)) if t.side != "hf" else None
         ratio = f"{t.tok_s / ref.tok_s:.1f}x" if ref else ""
         rows.append(
             f"| {t.side} | {t.adapter} | {t.workload} | {t.tokens:,.0f} | {statistics.median(t.seconds):.2f} | {t.tok_s:,.0f} | {ratio} |"
@@ -271,6 +302,9 @@ def main() -> None:
                 for t in run_in_subprocess(job, contention):
                     timings.append(t)
                     print(f"  {t.side} {t.adapter} {t.workload}: {t.tok_s:,.0f} tok/s (calls {', '.join(f'{s:.2f}' for s in t.seconds)} s)", flush=True)
+        for t in run_in_subprocess(Job("ceiling", "", (same, larger), reps, False), contention):
+            timings.append(t)
+            print(f"  ceiling {t.workload}: {t.tok_s:,.0f} tok/s (matrix products alone)", flush=True)
     print(format_table(timings))
     hf = {t.adapter: t for t in timings if t.side == "hf"}
     verdicts = []
@@ -279,6 +313,10 @@ def main() -> None:
             ratio = t.tok_s / hf[t.adapter].tok_s
             verdicts.append({"adapter": t.adapter, "ratio": ratio, "pass": ratio >= TARGET_RATIO})
             print(f"{t.adapter}: vLLM / HF on {same.label} = {ratio:.1f}x (target >= {TARGET_RATIO:g}x): {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}")
+    ceiling = next(t for t in timings if t.side == "ceiling" and t.workload == same.label)
+    print(f"ceiling on {same.label}: {ceiling.tok_s:,.0f} tok/s from matrix products alone = {ceiling.tok_s / hf['base'].tok_s:.1f}x HF base, "
+          f"the most any engine can reach on this machine; vLLM base reaches "
+          f"{next(t.tok_s for t in timings if t.side == 'vllm' and t.adapter == 'base' and t.workload == same.label) / ceiling.tok_s:.0%} of it")
     if args.out:
         payload = {
             "fast_lora_env": fast_lora,
