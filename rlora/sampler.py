@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -89,6 +90,27 @@ def save_safetensors(weights: Iterable[tuple[str, torch.Tensor]], path: Path, dt
     from safetensors.torch import save_file
 
     save_file({name: t.detach().to("cpu", dtype).contiguous() for name, t in weights}, str(path))
+
+
+class _DropCastNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Attempted to load weight")
+
+
+@contextlib.contextmanager
+def expected_casts_unlogged() -> Iterator[None]:
+    """Around a FullFT handoff: drop vLLM's warning for each tensor it casts to the engine's dtype.
+
+    Handing over float32 master weights lets vLLM cast while it copies (measured 0.30 s per
+    handoff, against 0.35 s when we cast first), but it then warns once per tensor (~270 lines a
+    step). Only that message of that logger is dropped, and only during the call.
+    """
+    logger, drop = logging.getLogger("vllm.model_executor.models.utils"), _DropCastNotes()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 class WorkerExtension:
@@ -288,7 +310,8 @@ class Sampler:
         assert self.spec.lora_rank is None, "FullFT handoff on a LoRA engine"
         assert version > self.version, f"policy versions must increase: {version} after {self.version}"
         if self.spec.in_process:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+            with expected_casts_unlogged():  # float32 master weights into a bf16 engine: vLLM casts, as intended
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         else:  # tensors do not survive the trip to the engine's process (they arrive as lists): a file does
             path = handoff_root()
             save_safetensors(weights, path / "model.safetensors", getattr(torch, self.spec.dtype))

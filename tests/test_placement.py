@@ -168,3 +168,23 @@ def _prompt(ids: list[int]):
     from rlora.types import Prompt
 
     return Prompt("p", "q", tuple(ids), "1", "number")
+
+
+def test_handoff_drops_only_vllm_cast_notes_and_only_during_the_call():
+    import logging
+
+    from rlora.sampler import expected_casts_unlogged
+
+    logger = logging.getLogger("vllm.model_executor.models.utils")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        with expected_casts_unlogged():
+            logger.warning("Attempted to load weight %s with dtype %s into parameter with dtype %s", "w", "f32", "bf16")
+            logger.warning("Failed to load weights")  # anything else still gets through
+        logger.warning("Attempted to load weight %s with dtype %s into parameter with dtype %s", "w", "f32", "bf16")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["Failed to load weights", "Attempted to load weight w with dtype f32 into parameter with dtype bf16"]
