@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rlora-installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install lint test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,7 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# ruff (lint + format check) and mypy, configured in pyproject.toml; the test command runs them first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rlora rewards tests scripts
+	$(VENV)/bin/ruff format --check rlora rewards tests scripts
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q -ra tests
 
 test-fast: $(STAMP)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 
 def cmd_fetch_model(args: argparse.Namespace) -> None:
-    from rlora.models import fetch_default_model
+    from rlora.train.models import fetch_default_model
 
     print(fetch_default_model(force=args.force))
 
 
 def cmd_rl(args: argparse.Namespace) -> None:
     from rlora.config import RLConfig, load_config, parse_overrides
-    from rlora.rl import resume_rl, run_rl
+    from rlora.rl.loop import resume_rl, run_rl
 
     if args.resume:
         if args.config:
@@ -28,14 +28,14 @@ def cmd_rl(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from rlora.demo import main as demo_main
+    from rlora.experiments.demo import main as demo_main
 
     demo_main(out=args.out, steps=args.steps)
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
     from rlora.config import load_config, parse_overrides
-    from rlora.sft import SFTConfig, resume_sft, run_sft
+    from rlora.sft.loop import SFTConfig, resume_sft, run_sft
 
     if args.resume:
         if args.config:
@@ -56,7 +56,7 @@ def report_outcome(out: object, outcome: dict[str, list[str]], summary: str, log
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from rlora.sweep import load_sweep, run_sweep, run_worker
+    from rlora.experiments.sweep import load_sweep, run_sweep, run_worker
 
     sweep = load_sweep(args.config, out=args.out)
     if args.dry_run:
@@ -74,7 +74,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from rlora.analyze import analyze
+    from rlora.experiments.analyze import analyze
 
     a = analyze(args.sweep_dir, out=args.out, tol=args.tol, kind=args.kind)
     out = Path(args.out) if args.out else Path(args.sweep_dir) / "analysis"
@@ -83,7 +83,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_suggest_lr(args: argparse.Namespace) -> None:
-    from rlora.suggest import suggest_lr
+    from rlora.experiments.suggest import suggest_lr
 
     s = suggest_lr(args.hidden_size, args.family, args.lora)
     print(f"{s.lr:.3g}")
@@ -91,32 +91,43 @@ def cmd_suggest_lr(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from rlora.evaluate import EvalRequest, markdown, parse_benchmarks, recompute, resolve_policy, run_eval
+    from rlora.eval.evaluate import EvalRequest, markdown, parse_benchmarks, recompute, resolve_policy, run_eval
 
     if args.recompute:
-        results = {"benchmarks": recompute(Path(args.recompute) / "completions.jsonl", regrade=args.regrade)}
-        print(markdown(results), end="")
+        recomputed = {"benchmarks": recompute(Path(args.recompute) / "completions.jsonl", regrade=args.regrade)}
+        print(markdown(recomputed), end="")
         return
     policy = resolve_policy(args.model, args.adapter, args.checkpoint, args.run, args.step, args.dtype)
     req = EvalRequest(
-        policy, tuple(parse_benchmarks(args.benchmarks)), args.samples, args.temperature, args.max_tokens, args.limit,
-        args.data_dir, Path(args.out), args.device, args.kv_cache_gib, max_num_seqs=args.max_num_seqs, seed=args.seed,
+        policy,
+        tuple(parse_benchmarks(args.benchmarks)),
+        args.samples,
+        args.temperature,
+        args.max_tokens,
+        args.limit,
+        args.data_dir,
+        Path(args.out),
+        args.device,
+        args.kv_cache_gib,
+        max_num_seqs=args.max_num_seqs,
+        seed=args.seed,
     )
     results = run_eval(req)
     print((Path(args.out) / "results.md").read_text(), end="")
     rt = results["runtime"]
+    assert isinstance(rt, dict)
     print(f"\nresults, table and completions in {args.out}/ (engine ready in {rt['engine_ready_s']:.1f} s)")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from rlora.compare import compare
+    from rlora.experiments.compare import compare
 
     print(compare(args.runs, args.out, smooth=args.smooth), end="")
     print(f"\ntable and plots in {args.out}/")
 
 
 def cmd_launch(args: argparse.Namespace) -> None:
-    from rlora.launch import dry_run, launch, load_plan, make_node
+    from rlora.experiments.launch import dry_run, launch, load_plan, make_node
 
     plan = load_plan(args.plan, out=args.out)
     node = make_node(args.gpus, args.cpu_slots, plan.share)
@@ -147,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="where the run directories go (default: the file's `out`, else runs/<file stem>)")
     p.add_argument("--resume", metavar="OUT", help="continue every run under OUT from its last checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value for every run (with --config: added to the file's `fixed`)")
-    p.set_defaults(func=lambda args: __import__("rlora.multi", fromlist=["cmd_rl_multi"]).cmd_rl_multi(args))  # lazy, like every command
+    p.set_defaults(func=lambda args: __import__("rlora.rl.multi", fromlist=["cmd_rl_multi"]).cmd_rl_multi(args))  # lazy, like every command
 
     p = sub.add_parser("demo", help="rank-1 LoRA vs FullFT on the CPU default, side by side")
     p.add_argument("--out", default="runs/demo", help="where the two runs, the table and the plots go")
@@ -195,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=0, help="first L problems of each benchmark (0 = all)")
     p.add_argument("--data-dir", default="", help="folder with math500.jsonl, aime24.jsonl, aime25.jsonl, gsm8k_test.jsonl (default: the Hub)")
     p.add_argument("--out", default="eval", help="folder for results.json, results.md, completions.jsonl")
-    p.add_argument("--dtype", help="engine dtype (default: the run's, else bfloat16)")
+    p.add_argument("--dtype", help="engine dtype (default: the run's, else auto: bfloat16 where native, else float32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM KV cache on CPU")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine runs at once")

@@ -22,14 +22,36 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the key and where it came from."""
 
 
-@dataclass(frozen=True)
-class RLConfig:
-    """Everything one RL run needs. Defaults run the CPU demo (rank-1 LoRA, synthetic arithmetic)."""
+# The valid values of every choice field, checked when a config is built, before anything loads.
+# Each list is the key set of the registry that implements it (a test keeps them equal):
+# rlora.train.lora.ALPHA_RULES / INITS, rlora.rl.advantages.ADVANTAGES, rlora.rl.losses.LOSSES /
+# NORMALIZERS, rlora.train.distributed.LEARNERS, rlora.devices.DTYPES (+ "auto"), rlora.tracking.TRACKERS.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "alpha_rule": ("constant", "per_rank", "sqrt"),
+    "lora_init": ("default", "gaussian", "gaussian_ab"),
+    "dtype": ("auto", "bfloat16", "float32", "float16"),
+    "advantage": ("center", "center_std"),
+    "loss": ("is", "tis", "reinforce"),
+    "loss_norm": ("tokens", "constant"),
+    "placement": ("colocate", "split", "sleep"),
+    "learner_parallel": ("ddp", "fsdp"),
+    "task": ("arith", "gsm8k", "math"),
+    "reward_policy": ("default", "strict"),
+}
+REPORT_TO = ("tensorboard", "wandb")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The fields every training entry point shares: model, LoRA, optimizer, run, device, tracking.
+
+    `RLConfig` and `SFTConfig` extend it; YAML presets stay flat (the same keys at one level).
+    """
 
     # model and parametrization
     model: str = "default"  # "default" (offline SmolLM2-135M-Instruct), a local folder, or a Hub name
     rank: int | str = 1  # LoRA rank >= 1, or "full" for full fine-tuning
-    alpha_rule: str = "constant"  # constant | per_rank | sqrt (see rlora.lora.ALPHA_RULES)
+    alpha_rule: str = "constant"  # constant | per_rank | sqrt (see rlora.train.lora.ALPHA_RULES)
     alpha_c: float | None = None  # the rule's constant; None = the rule's default (alpha = 32 at r = 32)
     lora_init: str = "default"  # default (A uniform, B = 0) | gaussian | gaussian_ab
     lora_init_scale: float = 1.0
@@ -41,62 +63,85 @@ class RLConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    micro_batch: int = 16  # sequences per forward/backward; bounds learner memory, not the result
+    # run
+    max_steps: int = 20
+    seed: int = 0
+    run_dir: str = ""  # "" = runs/<preset>-<time>
+    checkpoint_every: int = 5  # 0 = none; else every N steps and after the last one
+    eval_every: int = 0  # evaluate every N steps (RL: benchmarks, 0 = off; SFT: held-out loss)
+    report_to: str = ""  # "" | tensorboard | wandb | tensorboard,wandb: stream metrics rows there too
+    # devices and precision
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # engine weights and learner compute (learner master weights stay float32). auto = bfloat16
+    # where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else
+    # float32; the run dir's config.json holds the resolved value (rlora.devices.resolve_dtype).
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_rank(self.rank)
+        for key, valid in CHOICES.items():
+            if hasattr(self, key) and getattr(self, key) not in valid:
+                raise ConfigError(f"config key {key!r} must be one of {list(valid)}, got {getattr(self, key)!r}")
+        for tracker in filter(None, (t.strip() for t in self.report_to.split(","))):
+            if tracker not in REPORT_TO:
+                raise ConfigError(f"config key 'report_to' takes a comma list of {list(REPORT_TO)}, got {self.report_to!r}")
+        if self.micro_batch < 1:
+            raise ConfigError(f"config key 'micro_batch' must be >= 1, got {self.micro_batch!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"config key 'lr' must be > 0, got {self.lr!r}")
+        if self.max_steps < 0 or self.checkpoint_every < 0:
+            raise ConfigError("config keys 'max_steps' and 'checkpoint_every' must be >= 0")
+
+    @property
+    def is_full(self) -> bool:
+        return self.rank == "full"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLConfig(TrainConfig):
+    """Everything one RL run needs. Defaults run the CPU demo (rank-1 LoRA, synthetic arithmetic)."""
+
     # data
-    task: str = "arith"  # arith | gsm8k | math (see rlora.data.TASKS)
+    task: str = "arith"  # arith | gsm8k | math (see rlora.data.TRAIN_TASKS)
     train_data: str = ""  # local JSONL in the Hub schema, or a Hub dataset name; "" = the task's default
     arith_max: int = 9  # synthetic arithmetic: operands drawn from 1..arith_max
+    reward_policy: str = "default"  # how rewards finds the final answer: default | strict (boxed only); see rewards
     # sampling
     prompts_per_step: int = 8
     group_size: int = 8
     max_tokens: int = 64
     temperature: float = 1.0
     # loss
-    advantage: str = "center"  # center | center_std (see rlora.advantages.ADVANTAGES)
-    loss: str = "tis"  # is | tis | reinforce (see rlora.losses.LOSSES)
+    advantage: str = "center"  # center | center_std (see rlora.rl.advantages.ADVANTAGES)
+    loss: str = "tis"  # is | tis | reinforce (see rlora.rl.losses.LOSSES)
     is_cap: float = 2.0  # C of truncated importance sampling
-    loss_norm: str = "tokens"  # tokens | constant (see rlora.losses.NORMALIZERS)
+    loss_norm: str = "tokens"  # tokens | constant (see rlora.rl.losses.NORMALIZERS)
     loss_norm_constant: float = 0.0  # N for loss_norm=constant; 0 = prompts * group * max_tokens
-    micro_batch: int = 16  # sequences per forward/backward; bounds learner memory
-    # run
-    max_steps: int = 20
-    seed: int = 0
-    run_dir: str = ""  # "" = runs/<preset>-<time>
-    checkpoint_every: int = 5
-    # devices and precision
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "bfloat16"  # engine weights and learner compute (learner master weights stay float32)
+    # engine
     kv_cache_gib: float = 1.0  # vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.35  # vLLM's share of GPU memory when colocated with the learner
     max_model_len: int = 1024
     probe_tol: float = 0.0  # engine/learner numeric noise on the handoff probe (nats/token); 0 = by dtype
-    # scaling out (rlora.placement, rlora.distributed; README "Scaling out")
+    # scaling out (rlora.train.placement, rlora.train.distributed; README "Scaling out")
     placement: str = "colocate"  # colocate | split (sampler and learner on separate GPUs) | sleep (colocate + vLLM sleep mode)
     tensor_parallel_size: int = 1  # the sampler's vLLM tensor parallelism (GPUs, or CPU core groups)
     learner_parallel: str = "ddp"  # with several learner processes (torchrun): ddp (replicas) | fsdp (FSDP2 shards, FullFT)
-    # evaluation during training (0 = off)
-    eval_every: int = 0
+    # evaluation during training (eval_every: 0 = off)
     eval_benchmarks: str = "math500,gsm8k"
     eval_limit: int = 50
     eval_data_dir: str = ""
 
     def __post_init__(self) -> None:
-        check_rank(self.rank)
-        positive = ("prompts_per_step", "group_size", "max_tokens", "micro_batch", "max_model_len", "arith_max", "tensor_parallel_size")
+        super().__post_init__()
+        positive = ("prompts_per_step", "group_size", "max_tokens", "max_model_len", "arith_max", "tensor_parallel_size")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)!r}")
-        if self.lr <= 0:
-            raise ConfigError(f"config key 'lr' must be > 0, got {self.lr!r}")
         if self.temperature <= 0:
             raise ConfigError("config key 'temperature' must be > 0 (the importance ratio needs a sampling distribution)")
-        if self.max_steps < 0 or self.checkpoint_every < 0:
-            raise ConfigError("config keys 'max_steps' and 'checkpoint_every' must be >= 0")
         if self.learner_parallel == "fsdp" and not self.is_full:
             raise ConfigError("config key 'learner_parallel': fsdp shards full fine-tuning (rank=full); LoRA runs replicate with ddp")
-
-    @property
-    def is_full(self) -> bool:
-        return self.rank == "full"
 
 
 def check_rank(rank: int | str) -> None:
@@ -106,7 +151,7 @@ def check_rank(rank: int | str) -> None:
         raise ConfigError(f"config key 'rank' must be an integer >= 1 or 'full', got {rank!r}")
 
 
-C = TypeVar("C")
+C = TypeVar("C", bound="TrainConfig")
 
 
 def _coerce(key: str, value: object, annotation: object, where: str) -> object:
@@ -138,12 +183,12 @@ def _coerce(key: str, value: object, annotation: object, where: str) -> object:
 
 def from_dict(cls: type[C], data: dict[str, object], where: str = "") -> C:
     """Build a config from a flat mapping; unknown keys and wrong types raise ConfigError."""
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}{where}; known keys: {', '.join(sorted(known))}")
     values = {k: _coerce(k, v, known[k].type, where) for k, v in data.items()}
-    return cls(**values)  # type: ignore[call-arg]
+    return cls(**values)  # type: ignore[arg-type]  # each value was checked against its field by _coerce
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, object]:
@@ -176,11 +221,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data, where=" (from the command line)" if overrides else "")
 
 
-def to_dict(cfg: object) -> dict[str, object]:
-    return dataclasses.asdict(cfg)  # type: ignore[arg-type]
+def to_dict(cfg: TrainConfig) -> dict[str, object]:
+    return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: object, path: Path) -> None:
+def save_config(cfg: TrainConfig, path: Path) -> None:
     path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
 

@@ -1,7 +1,7 @@
 """Training tasks and evaluation benchmarks: rows in, `Problem`s out.
 
 A task is data plus a reward: each `Problem` carries its gold answer and the name of the
-`rewards` task that grades it, so `rewards.grade(completion, problem.reference, problem.task)`
+`rewards` task that grades it, so `rewards.grade(completion, problem.reference, problem.reward_task)`
 is the whole reward. Sources are the Hub datasets for real users or local JSONL files in the
 same schema (`train_data=path.jsonl`), so the product never needs the network when given files.
 
@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlora.rl.types import Prompt, Tokenizer
+
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 ARITH_INSTRUCTION = "Reply with just the number."
 
@@ -38,7 +40,7 @@ class Problem:
     problem_id: str
     question: str  # the user message, instruction included
     reference: str  # gold answer
-    task: str  # rewards task: math | gsm8k | aime | number
+    reward_task: str  # the rewards task that grades it: math | gsm8k | aime | number
     meta: tuple[tuple[str, str], ...] = ()  # e.g. (("subject", "Algebra"), ("level", "3")) for breakdowns
 
 
@@ -109,7 +111,7 @@ def boxed_answer(solution: str) -> str:
         depth += {"{": 1, "}": -1}.get(solution[j], 0)
         if depth == 0:
             return solution[i + 1 : j]
-    raise DataError(f"unbalanced \\boxed in MATH solution: {solution[start:start + 80]!r}")
+    raise DataError(f"unbalanced \\boxed in MATH solution: {solution[start : start + 80]!r}")
 
 
 def normalize_problem_text(text: str) -> str:
@@ -131,10 +133,7 @@ def arith_problems(n: int, max_operand: int, seed: int) -> list[Problem]:
 
 
 def gsm8k_problems(rows: list[dict[str, object]], prefix: str = "gsm8k") -> list[Problem]:
-    return [
-        Problem(f"{prefix}-{i}", f"{row['question']}\n{BOXED_INSTRUCTION}", gsm8k_answer(str(row["answer"])), "gsm8k")
-        for i, row in enumerate(rows)
-    ]
+    return [Problem(f"{prefix}-{i}", f"{row['question']}\n{BOXED_INSTRUCTION}", gsm8k_answer(str(row["answer"])), "gsm8k") for i, row in enumerate(rows)]
 
 
 def math_problems(rows: list[dict[str, object]], prefix: str = "math", task: str = "math") -> list[Problem]:
@@ -148,8 +147,13 @@ def math_problems(rows: list[dict[str, object]], prefix: str = "math", task: str
 
 
 MATH_SUBJECTS = (
-    "algebra", "counting_and_probability", "geometry", "intermediate_algebra",
-    "number_theory", "prealgebra", "precalculus",
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
 )
 
 
@@ -170,7 +174,7 @@ class TaskSpec:
     doc: str
 
 
-TASKS: dict[str, TaskSpec] = {
+TRAIN_TASKS: dict[str, TaskSpec] = {
     "arith": TaskSpec(lambda src, k, seed: arith_problems(100_000, k, seed), "synthetic a + b, graded by last number"),
     "gsm8k": TaskSpec(lambda src, k, seed: gsm8k_problems(load_rows(src or "openai/gsm8k", "main", "train", ["question", "answer"])), "GSM8K train"),
     "math": TaskSpec(lambda src, k, seed: load_math_train(src, "HuggingFaceH4/MATH-500"), "MATH train minus MATH500"),
@@ -178,9 +182,9 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def load_task(task: str, train_data: str, arith_max: int, seed: int) -> list[Problem]:
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    return TASKS[task].load(train_data, arith_max, seed)
+    if task not in TRAIN_TASKS:
+        raise DataError(f"unknown task {task!r}; known: {', '.join(TRAIN_TASKS)}")
+    return TRAIN_TASKS[task].load(train_data, arith_max, seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,14 +202,14 @@ class Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "math500": Benchmark("HuggingFaceH4/MATH-500", None, "test", "math500.jsonl", ("problem", "answer"),
-                         lambda rows: math_problems(rows, "math500")),
-    "aime24": Benchmark("HuggingFaceH4/aime_2024", None, "train", "aime24.jsonl", ("problem", "answer"),
-                        lambda rows: math_problems(rows, "aime24", task="aime")),
-    "aime25": Benchmark("opencompass/AIME2025", "AIME2025-I", "test", "aime25.jsonl", ("problem", "answer"),
-                        lambda rows: math_problems(rows, "aime25", task="aime")),
-    "gsm8k": Benchmark("openai/gsm8k", "main", "test", "gsm8k_test.jsonl", ("question", "answer"),
-                       lambda rows: gsm8k_problems(rows, "gsm8k-test")),
+    "math500": Benchmark("HuggingFaceH4/MATH-500", None, "test", "math500.jsonl", ("problem", "answer"), lambda rows: math_problems(rows, "math500")),
+    "aime24": Benchmark(
+        "HuggingFaceH4/aime_2024", None, "train", "aime24.jsonl", ("problem", "answer"), lambda rows: math_problems(rows, "aime24", task="aime")
+    ),
+    "aime25": Benchmark(
+        "opencompass/AIME2025", "AIME2025-I", "test", "aime25.jsonl", ("problem", "answer"), lambda rows: math_problems(rows, "aime25", task="aime")
+    ),
+    "gsm8k": Benchmark("openai/gsm8k", "main", "test", "gsm8k_test.jsonl", ("question", "answer"), lambda rows: gsm8k_problems(rows, "gsm8k-test")),
 }
 
 
@@ -242,3 +246,10 @@ def batch_for_step(problems: Sequence[Problem], step: int, per_step: int, seed: 
         out.extend(problems[i] for i in take)
         epoch, offset = epoch + 1, 0
     return out
+
+
+def make_prompt(problem: Problem, tokenizer: Tokenizer) -> Prompt:
+    """The problem as the policy sees it: the user turn under the chat template, as token ids."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": problem.question}], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return Prompt(problem_id=problem.problem_id, question=problem.question, prompt_ids=tuple(ids), reference=problem.reference, reward_task=problem.reward_task)

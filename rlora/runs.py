@@ -1,4 +1,6 @@
-"""A run directory: `config.json`, `metrics.jsonl`, `checkpoints/`. Nothing is lost on a crash.
+"""A run directory and its lifecycle: `config.json`, `metrics.jsonl`, `checkpoints/`, claim, done.
+
+Nothing is lost on a crash:
 
 - `metrics.jsonl` gets one JSON object per step, flushed and fsynced before the step's checkpoint.
 - A checkpoint is written to a temporary folder and renamed into place, then `checkpoints/latest`
@@ -9,37 +11,99 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
 
+from rlora.config import TrainConfig, from_dict, read_config, save_config, to_dict
+from rlora.tracking import Tracker, open_tracker
+
 LATEST = "latest"
-C = TypeVar("C")
+DONE_FILE = "done.json"  # a finished run: every later sweep or launch skips it
+ERROR_FILE = "error.txt"  # a failed run's traceback (or a launcher's log tail)
+LOCK_FILE = ".lock"  # the flock of whoever trains the run now
+C = TypeVar("C", bound=TrainConfig)
 
 
 class RunDir:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, report_to: str = "") -> None:
         self.path = Path(path)
         self.metrics_path = self.path / "metrics.jsonl"
         self.config_path = self.path / "config.json"
         self.ckpt_root = self.path / "checkpoints"
+        self.report_to = report_to  # trackers that get every row too (rlora.tracking), opened at the first row
+        self._tracker: Tracker | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def status(self) -> str:
+        """'done', 'partial' (a config but no done marker: resume it) or 'new'."""
+        if (self.path / DONE_FILE).exists():
+            return "done"
+        if self.config_path.exists():
+            return "partial"
+        return "new"
+
+    @contextmanager
+    def claim(self) -> Iterator[bool]:
+        """Hold an exclusive flock on the run while training it; yields False if someone else holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
+
+    def mark_done(self, wall_s: float, resumed: bool) -> None:
+        """The done marker that makes every later sweep or launch skip the run; a stale error goes."""
+        (self.path / ERROR_FILE).unlink(missing_ok=True)
+        done = {"wall_s": wall_s, "resumed": resumed, "time": time.time()}
+        (self.path / DONE_FILE).write_text(json.dumps(done) + "\n")
+
+    def set_config_key(self, key: str, value: object) -> None:
+        """Change one key of the saved config (a sweep moving a run to another device)."""
+        saved = json.loads(self.config_path.read_text())
+        saved[key] = value
+        self.config_path.write_text(json.dumps(saved, indent=2) + "\n")
 
     # ---------------------------------------------------------------- metrics
 
     def log(self, row: dict[str, object]) -> None:
+        """Append one row to metrics.jsonl (the source of truth, fsynced), then to the trackers."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.report_to:
+            if self._tracker is None:
+                self._tracker = open_tracker(self.report_to, self.path)
+            self._tracker.log(row)
+
+    def close(self) -> None:
+        """Flush and close the trackers (metrics.jsonl needs nothing: every row is already on disk)."""
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_tracker": None}  # rank 0 broadcasts the RunDir; trackers stay there
 
     def read_metrics(self) -> list[dict[str, object]]:
         if not self.metrics_path.exists():
@@ -121,27 +185,20 @@ class RunDir:
         return next_step, learner_state
 
 
-
 def create_run(cfg: C, name: str, command: str) -> RunDir:
     """A new run directory (cfg.run_dir, or runs/<name>-<time>) holding the resolved config."""
-    from dataclasses import replace
-
-    from rlora.config import save_config
-
-    run_dir = getattr(cfg, "run_dir")
+    run_dir = cfg.run_dir
     path = Path(run_dir) if run_dir else Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-    run = RunDir(path)
+    run = RunDir(path, cfg.report_to)
     if run.config_path.exists():
         raise FileExistsError(f"run dir {path} already holds a run; resume it with `rlora {command} --resume {path}`")
     path.mkdir(parents=True, exist_ok=True)
-    save_config(replace(cfg, run_dir=str(path)), run.config_path)  # type: ignore[type-var]
+    save_config(replace(cfg, run_dir=str(path)), run.config_path)
     return run
 
 
 def reopen_run(cls: type[C], run_dir: str | Path, overrides: dict[str, object] | None = None) -> tuple[C, RunDir]:
     """An existing run's config (with overrides applied and saved) and its directory."""
-    from rlora.config import from_dict, read_config, save_config, to_dict
-
     run = RunDir(run_dir)
     if not run.config_path.exists():
         raise FileNotFoundError(f"{run.config_path} does not exist: not a run directory")
@@ -149,4 +206,5 @@ def reopen_run(cls: type[C], run_dir: str | Path, overrides: dict[str, object] |
     if overrides:
         cfg = from_dict(cls, {**to_dict(cfg), **overrides}, where=" (resume override)")
         save_config(cfg, run.config_path)
+    run.report_to = cfg.report_to
     return cfg, run

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rlora.analyze import METRICS, RunResult, read_results
-from rlora.plots import plot_metric
+from rlora.experiments.analyze import METRICS, RunResult, read_results
+from rlora.experiments.plots import plot_metric
+from rlora.experiments.sweep import load_sweep, run_sweep
 from rlora.runs import RunDir
-from rlora.sweep import load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "configs" / "sweep_rl_cpu.yaml"

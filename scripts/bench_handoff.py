@@ -5,11 +5,11 @@ Arms: LoRA rank 1, 8, 64 and FullFT, bf16 engine and learner (the demo's precisi
 Two measurements per arm, each in its own process (a fresh in-process vLLM engine; one at a time):
   handoff   a `Learner` and a `Sampler` side by side; before each version the trainable weights
             move a little (LoRA B, or every FullFT weight, plus small noise) so every version is a
-            real change, then `rlora.rl.publish` hands it over and checks it on the probe:
+            real change, then `rlora.rl.handoff.publish` hands it over and checks it on the probe:
             handoff_s (write the adapter + add_lora, or reload_weights + prefix-cache reset),
             verify_s (probe scored by both sides), probe_gap. One warm-up version, then the
             median of `--reps`.
-  step      a real run: `rlora.rl.run_rl` with the demo preset (`configs/rl_cpu_demo_lora_r1.yaml`
+  step      a real run: `rlora.rl.loop.run_rl` with the demo preset (`configs/rl_cpu_demo_lora_r1.yaml`
             with `rank=R` for LoRA, `configs/rl_cpu_demo_full.yaml` for FullFT), `max_steps=3`,
             no checkpoints; from its metrics.jsonl the median step_s and handoff_s of the steps
             after step 0 (step 0 carries the engine's and the learner's first-call warm-up).
@@ -40,7 +40,7 @@ TARGET_SHARE = 0.05
 
 
 def arm_rank(arm: str) -> int | None:
-    """"r8" -> 8, "full" -> None."""
+    """ "r8" -> 8, "full" -> None."""
     return None if arm == "full" else int(arm.removeprefix("r"))
 
 
@@ -82,8 +82,8 @@ class StepResult:
 
 
 def publisher(learner: object, sampler: object) -> Callable[[int], dict[str, float]]:
-    """`rlora.rl.publish` bound to this learner, sampler and the bf16 probe."""
-    from rlora import rl
+    """`rlora.rl.handoff.publish` bound to this learner, sampler and the bf16 probe."""
+    from rlora.rl import handoff as rl
 
     probe = rl.Probe(rl.probe_ids(sampler.tokenizer), rl.PROBE_NOISE["bfloat16"])  # type: ignore[attr-defined]
     return lambda version: rl.publish(learner, sampler, version, probe)  # type: ignore[arg-type]
@@ -92,16 +92,16 @@ def publisher(learner: object, sampler: object) -> Callable[[int], dict[str, flo
 def run_handoff(job: Job) -> HandoffResult:
     import torch
 
-    from rlora import lora
-    from rlora.learner import Learner, LearnerSpec
-    from rlora.models import resolve_model
-    from rlora.sampler import EngineSpec, Sampler
+    from rlora.engine.sampler import EngineSpec, Sampler
+    from rlora.train import lora
+    from rlora.train.learner import Learner, LearnerSpec
+    from rlora.train.models import resolve_model
 
     model_path = resolve_model("default")
     rank = arm_rank(job.arm)
-    spec = lora.LoRASpec(rank) if rank is not None else None
-    learner = Learner(LearnerSpec(model_path, spec, lr=1e-4, dtype="bfloat16"))
-    sampler = Sampler(EngineSpec(model_path, "cpu", "bfloat16", lora_rank=rank, max_num_seqs=16))
+    spec = lora.LoRASpec(rank=rank) if rank is not None else None
+    learner = Learner(LearnerSpec(model_path=model_path, lora=spec, lr=1e-4, dtype="bfloat16"))
+    sampler = Sampler(EngineSpec(model_path=model_path, device="cpu", dtype="bfloat16", lora_rank=rank, max_num_seqs=16))
     publish = publisher(learner, sampler)
     trainable = lora.lora_parameters(learner.model)[1] if spec is not None else learner.trainable
     generator = torch.Generator().manual_seed(0)
@@ -129,7 +129,7 @@ def run_handoff(job: Job) -> HandoffResult:
 
 def run_step(job: Job) -> StepResult:
     from rlora.config import RLConfig, load_config
-    from rlora.rl import run_rl
+    from rlora.rl.loop import run_rl
 
     rank = arm_rank(job.arm)
     preset = PRESETS["full"] if rank is None else PRESETS["lora"]
@@ -160,9 +160,13 @@ def format_table(handoffs: dict[str, HandoffResult], steps: dict[str, StepResult
     for arm, h in handoffs.items():
         s = steps.get(arm)
         step_cols = (
-            f"{s.timed('step_s'):.1f} | {s.timed('handoff_s'):.3f} | {s.timed('handoff_s') / s.timed('step_s'):.2%} "
-            f"| {(s.timed('handoff_s') + s.timed('verify_s')) / s.timed('step_s'):.2%}"
-        ) if s else "| | |"
+            (
+                f"{s.timed('step_s'):.1f} | {s.timed('handoff_s'):.3f} | {s.timed('handoff_s') / s.timed('step_s'):.2%} "
+                f"| {(s.timed('handoff_s') + s.timed('verify_s')) / s.timed('step_s'):.2%}"
+            )
+            if s
+            else "| | |"
+        )
         rows.append(
             f"| {arm} | {h.payload_mb:.2f} | {statistics.median(h.handoff_s):.3f} | {max(h.handoff_s):.3f} "
             f"| {statistics.median(h.verify_s):.3f} | {statistics.median(h.probe_gap):.4f} | {step_cols} |"

@@ -1,8 +1,8 @@
 """Learner speed and memory: rank-1 LoRA against FullFT on the same TrainBatch.
 
 The batch is an RL step's: 8 synthetic groups x 8 rollouts of a chat-templated arithmetic prompt
-(45 tokens, `rlora.rl.make_prompt`) plus 64 random completion tokens (109 tokens a row, 64 rows),
-rewards alternating 0/1 so every group has signal, built by `rlora.batching.build_batch` with
+(45 tokens, `rlora.data.make_prompt`) plus 64 random completion tokens (109 tokens a row, 64 rows),
+rewards alternating 0/1 so every group has signal, built by `rlora.rl.batching.build_batch` with
 centred advantages. Each step is `Learner.train_step` with the demo loss (truncated IS, cap 2,
 token-mean), micro-batch 16: forward, backward and one AdamW step.
 
@@ -100,11 +100,10 @@ def synthetic_batch(job: Job, tokenizer: object) -> object:
     """P groups x G rollouts: real prompts, random completions, rewards alternating 0/1."""
     import torch
 
-    from rlora.advantages import ADVANTAGES
-    from rlora.batching import build_batch
-    from rlora.data import arith_problems
-    from rlora.rl import make_prompt
-    from rlora.types import Group, Rollout
+    from rlora.data import arith_problems, make_prompt
+    from rlora.rl.advantages import ADVANTAGES
+    from rlora.rl.batching import build_batch
+    from rlora.rl.types import Group, Rollout
 
     generator = torch.Generator().manual_seed(0)
     vocab = len(tokenizer)  # type: ignore[arg-type]
@@ -115,8 +114,17 @@ def synthetic_batch(job: Job, tokenizer: object) -> object:
         for g in range(job.group_size):
             ids_T = torch.randint(100, vocab, (job.completion_tokens,), generator=generator)
             lps_T = -torch.rand(job.completion_tokens, generator=generator) * 3  # plausible sampler logprobs
-            rollouts.append(Rollout(prompt.prompt_ids, tuple(ids_T.tolist()), tuple(lps_T.tolist()), float(g % 2), ""))
-        groups.append(Group(prompt, tuple(rollouts), 0))
+            rollouts.append(
+                Rollout(
+                    prompt_ids=prompt.prompt_ids,
+                    completion_ids=tuple(ids_T.tolist()),
+                    sampler_logprobs=tuple(lps_T.tolist()),
+                    reward=float(g % 2),
+                    text="",
+                    finish_reason="stop",
+                )
+            )
+        groups.append(Group(prompt=prompt, rollouts=tuple(rollouts), policy_version=0))
     pad_id = tokenizer.pad_token_id or 0  # type: ignore[attr-defined]
     batch = build_batch(groups, ADVANTAGES["center"], pad_id=pad_id)
     assert batch is not None, "every synthetic group has mixed rewards"
@@ -128,18 +136,18 @@ def run_arm(job: Job) -> Result:
     import transformers  # noqa: F401
     from transformers import AutoTokenizer
 
-    from rlora import lora
-    from rlora.learner import Learner, LearnerSpec
-    from rlora.losses import LOSSES, NORMALIZERS
-    from rlora.models import resolve_model
+    from rlora.rl.losses import LOSSES, NORMALIZERS
+    from rlora.train import lora
+    from rlora.train.learner import Learner, LearnerSpec
+    from rlora.train.models import resolve_model
 
     model_path = resolve_model("default")
     batch = synthetic_batch(job, AutoTokenizer.from_pretrained(model_path))
     gc.collect()
     rss_imports = rss_mb()
 
-    spec = lora.LoRASpec(1) if job.arm == "r1" else None
-    learner = Learner(LearnerSpec(model_path, spec, lr=1e-4, dtype=job.dtype, micro_batch=job.micro_batch))
+    spec = lora.LoRASpec(rank=1) if job.arm == "r1" else None
+    learner = Learner(LearnerSpec(model_path=model_path, lora=spec, lr=1e-4, dtype=job.dtype, micro_batch=job.micro_batch))
     with torch.no_grad():  # weights may still be lazily mapped from the checkpoint: make them resident
         for p in learner.model.parameters():
             p.sum()

@@ -3,7 +3,7 @@
 Each configuration runs in its own process (a fresh in-process vLLM engine; one at a time):
   base          no LoRA at all (`enable_lora=False`): the reference for every ratio
   ours r{R}     a random rank-R adapter on all seven projections, `max_lora_rank=R`, served with
-                rlora's grouped-GEMM ops (`rlora.vllm_plugin`)
+                rlora's grouped-GEMM ops (`rlora.engine.vllm_plugin`)
   stock r16     the same at rank 16 with vLLM's own CPU ops (`RLORA_FAST_LORA=0`)
 The configurations run round-robin for `--rounds` rounds (a fresh process each time), so that a
 burst of other work on this shared machine hits different configurations in different rounds;
@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from rlora.models import resolve_model
+from rlora.train.models import resolve_model
 
 RANKS = (1, 8, 16, 64)
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -174,9 +174,7 @@ def run_config(config: BenchConfig) -> BenchResult:
     warm_up = SamplingParams(n=config.samples, max_tokens=4, ignore_eos=True)
     generate(make_prompts(config.prompts, words, 10_000), warm_up)
     one_token = SamplingParams(max_tokens=1, ignore_eos=True)
-    sampling = SamplingParams(
-        n=config.samples, temperature=1.0, max_tokens=config.new_tokens, ignore_eos=True
-    )
+    sampling = SamplingParams(n=config.samples, temperature=1.0, max_tokens=config.new_tokens, ignore_eos=True)
     prefill_s, sample_s = [], []
     for rep in range(config.repeats):  # disjoint prompt sets: no prefix cache reuse
         offset = 2 * rep * config.prompts
@@ -210,10 +208,7 @@ def run_in_subprocess(config: BenchConfig) -> BenchResult:
 def format_table(results: list[BenchResult]) -> str:
     base = results[0]
     assert base.config.lora_rank == 0, "the first result must be the base model"
-    header = (
-        f"{'config':<12} {'max_rank':>8} {'start s':>8} {'prefill tok/s':>14} {'x base':>7} "
-        f"{'sample tok/s':>13} {'x base':>7} {'spread':>7}"
-    )
+    header = f"{'config':<12} {'max_rank':>8} {'start s':>8} {'prefill tok/s':>14} {'x base':>7} {'sample tok/s':>13} {'x base':>7} {'spread':>7}"
     rows = [header, "-" * len(header)]
     for r in results:
         rows.append(
@@ -252,10 +247,7 @@ def main() -> None:
         adapter_dirs[rank] = os.path.join(adapters_dir, f"r{rank}")
         make_adapter(resolve_model("default"), rank, adapter_dirs[rank])
     configs = [BenchConfig("base", 0, "", True, *workload)]
-    configs += [
-        BenchConfig(f"ours r{rank}", rank, adapter_dirs[rank], True, *workload)
-        for rank in args.ranks
-    ]
+    configs += [BenchConfig(f"ours r{rank}", rank, adapter_dirs[rank], True, *workload) for rank in args.ranks]
     stock_dir = adapter_dirs[STOCK_RANK]
     stock = BenchConfig(f"stock r{STOCK_RANK}", STOCK_RANK, stock_dir, False, *workload)
     print(
@@ -271,8 +263,7 @@ def main() -> None:
         for config in configs + extra:
             r = run_in_subprocess(config)
             print(
-                f"  round {round_index + 1} {config.name}: prefill {r.prefill_tok_s:,.0f} tok/s, "
-                f"sample {r.sample_tok_s:,.0f} tok/s",
+                f"  round {round_index + 1} {config.name}: prefill {r.prefill_tok_s:,.0f} tok/s, sample {r.sample_tok_s:,.0f} tok/s",
                 flush=True,
             )
             previous = by_name.get(config.name)
@@ -285,10 +276,7 @@ def main() -> None:
     worst = min((r.sample_tok_s / base.sample_tok_s for r in ours), default=float("nan"))
     print(f"worst sampling ratio with our ops: {worst:.2f} (target >= {TARGET_RATIO})")
     if args.out:
-        payload = [
-            asdict(r) | {"prefill_tok_s": r.prefill_tok_s, "sample_tok_s": r.sample_tok_s}
-            for r in results
-        ]
+        payload = [asdict(r) | {"prefill_tok_s": r.prefill_tok_s, "sample_tok_s": r.sample_tok_s} for r in results]
         with open(args.out, "w") as f:
             json.dump(payload, f, indent=2)
 

@@ -4,9 +4,9 @@ Runs: run k is rank 1 (k even) or rank 8 (k odd), lr 1e-3, seed k // 2, on the C
 (`configs/rl_cpu_demo_lora_r1.yaml`) with a small workload: 4 prompts x 4 samples x 32 tokens per
 run and step, 3 steps (step 0 is the warm-up; steps 1-2 are timed), no checkpoints, bf16.
 
-  one engine  one process: `rlora.multi.run_multi` with runs 0..K-1 (one engine with K adapters,
+  one engine  one process: `rlora.rl.multi.run_multi` with runs 0..K-1 (one engine with K adapters,
               one base with K adapters and K optimizers, one sampling call per step)
-  separate    K processes one after another, process k running `rlora.rl.run_rl` on run k alone.
+  separate    K processes one after another, process k running `rlora.rl.loop.run_rl` on run k alone.
               Run k's work does not depend on K, so the eight single runs are done once and the
               set of K separate runs is runs 0..K-1 of them.
 
@@ -80,8 +80,8 @@ def worker(mode: str, k: int, work: Work) -> Result:
     import yaml
 
     from rlora.config import RLConfig, from_dict, load_yaml
-    from rlora.multi import run_multi
-    from rlora.rl import run_rl
+    from rlora.rl.loop import run_rl
+    from rlora.rl.multi import run_multi
 
     with tempfile.TemporaryDirectory(prefix="rlora-bench-multi-") as tmp:
         if mode == "multi":
@@ -132,8 +132,15 @@ def compare(k: int, multi: Result, singles: list[Result], work: Work) -> Row:
     multi_step = timed_step_s(multi.rows[0])  # step_s is the whole set's in every run's rows
     separate_step = sum(timed_step_s(s.rows[0]) for s in singles[:k])
     return Row(
-        k, per_step / multi_step, per_step / separate_step, multi_step, separate_step,
-        multi.peak_rss_mb, max(s.peak_rss_mb for s in singles[:k]), multi.wall_s, sum(s.wall_s for s in singles[:k]),
+        k,
+        per_step / multi_step,
+        per_step / separate_step,
+        multi_step,
+        separate_step,
+        multi.peak_rss_mb,
+        max(s.peak_rss_mb for s in singles[:k]),
+        multi.wall_s,
+        sum(s.wall_s for s in singles[:k]),
     )
 
 
@@ -171,8 +178,13 @@ def main() -> None:
         same = [r["reward_mean"] for r in multis[1].rows[0]] == [r["reward_mean"] for r in singles[0].rows[0]]
         print(f"K=1: run 0's rewards on one engine {'are identical to' if same else 'DIFFER from'} its rewards alone", flush=True)
     if args.out:
-        payload = {"work": asdict(work), "rows": [asdict(r) for r in rows], "multi": {k: asdict(m) for k, m in multis.items()},
-                   "single": [asdict(s) for s in singles], "foreign_cpu_share": contention}
+        payload = {
+            "work": asdict(work),
+            "rows": [asdict(r) for r in rows],
+            "multi": {k: asdict(m) for k, m in multis.items()},
+            "single": [asdict(s) for s in singles],
+            "foreign_cpu_share": contention,
+        }
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
 
 

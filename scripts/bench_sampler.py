@@ -1,14 +1,14 @@
 """Sampler throughput: our vLLM `Sampler` against transformers `generate`, base model and rank-1 LoRA.
 
 The work is what an RL step samples: chat-templated arithmetic prompts (`rlora.data.arith_problems`
-through `rlora.rl.make_prompt`, 45 tokens each), G samples per prompt, T new tokens per sample,
+through `rlora.data.make_prompt`, 45 tokens each), G samples per prompt, T new tokens per sample,
 temperature 1, top-p 1, no top-k. Lengths are fixed on both sides so token counts are equal:
 `ignore_eos=True` for vLLM, `min_new_tokens = max_new_tokens` for transformers.
 
 Sides, each in its own process (one at a time):
   hf     transformers `generate(do_sample=True, num_return_sequences=G)`, model in bf16, all P
          prompts left-padded into one batch; the adapter is applied with PEFT (`PeftModel`).
-  vllm   `rlora.sampler.Sampler` (in-process CPU engine, bf16, eager, block 32), the adapter handed
+  vllm   `rlora.engine.sampler.Sampler` (in-process CPU engine, bf16, eager, block 32), the adapter handed
          over with `Sampler.load_adapter` exactly as the RL loop does. The fixed-length call is the
          request `Sampler.sample` makes (n=G, logprobs=0, the live adapter) plus `ignore_eos`; the
          plain `Sampler.sample` (stops at EOS, as in a run) is timed too and reported apart.
@@ -17,7 +17,7 @@ Sides, each in its own process (one at a time):
          and scheduling are left out, so no engine can decode faster than this on the machine:
          ceiling / HF is the largest vLLM / HF ratio this CPU allows at that batch.
 Adapters: base model (none) and one rank-1 adapter on all seven projections with non-zero B,
-written once in PEFT layout by `rlora.lora` and loaded by both sides.
+written once in PEFT layout by `rlora.train.lora` and loaded by both sides.
 
 Each measurement: one warm-up call, then `--reps` calls on fresh prompts with the prefix cache
 reset (a new policy version starts with a cold cache); the median is reported. Ratios compare
@@ -66,7 +66,7 @@ class Workload:
 @dataclass(frozen=True)
 class Job:
     side: str
-    """"hf" (transformers generate) or "vllm" (rlora.sampler.Sampler)."""
+    """"hf" (transformers generate) or "vllm" (rlora.engine.sampler.Sampler)."""
     adapter_dir: str
     """PEFT adapter served during the measurement; "" for the base model."""
     workloads: tuple[Workload, ...]
@@ -97,9 +97,8 @@ class Timing:
 
 
 def arith_prompt_batches(tokenizer: object, workload: Workload, calls: int) -> list[list[object]]:
-    """`calls` disjoint lists of P chat-templated arithmetic prompts (`rlora.types.Prompt`)."""
-    from rlora.data import arith_problems
-    from rlora.rl import make_prompt
+    """`calls` disjoint lists of P chat-templated arithmetic prompts (`rlora.rl.types.Prompt`)."""
+    from rlora.data import arith_problems, make_prompt
 
     problems = arith_problems(workload.prompts * calls, ARITH_MAX, seed=1234)
     prompts = [make_prompt(p, tokenizer) for p in problems]
@@ -110,12 +109,14 @@ def run_vllm(job: Job) -> list[Timing]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from rlora.models import resolve_model
-    from rlora.sampler import EngineSpec, Sampler
+    from rlora.engine.sampler import EngineSpec, Sampler
+    from rlora.train.models import resolve_model
 
     model_path = resolve_model("default")
     largest = max(w.prompts * w.samples for w in job.workloads)
-    sampler = Sampler(EngineSpec(model_path, "cpu", "bfloat16", lora_rank=1 if job.adapter_dir else None, max_num_seqs=max(256, largest)))
+    sampler = Sampler(
+        EngineSpec(model_path=model_path, device="cpu", dtype="bfloat16", lora_rank=1 if job.adapter_dir else None, max_num_seqs=max(256, largest))
+    )
     if job.adapter_dir:
         sampler.load_adapter(lambda path: shutil.copytree(job.adapter_dir, path), version=0)
     adapter = "rank-1" if job.adapter_dir else "base"
@@ -157,7 +158,7 @@ def run_hf(job: Job) -> list[Timing]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlora.models import resolve_model
+    from rlora.train.models import resolve_model
 
     model_path = resolve_model("default")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -178,8 +179,16 @@ def run_hf(job: Job) -> list[Timing]:
         start = time.perf_counter()
         with torch.no_grad():
             out_N_S = model.generate(
-                input_ids=input_ids_P_L, attention_mask=attention_P_L, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                num_return_sequences=w.samples, max_new_tokens=w.new_tokens, min_new_tokens=w.new_tokens, pad_token_id=pad_id,
+                input_ids=input_ids_P_L,
+                attention_mask=attention_P_L,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                num_return_sequences=w.samples,
+                max_new_tokens=w.new_tokens,
+                min_new_tokens=w.new_tokens,
+                pad_token_id=pad_id,
             )
         seconds = time.perf_counter() - start
         assert out_N_S.shape == (w.prompts * w.samples, width + w.new_tokens), f"unexpected output shape {tuple(out_N_S.shape)}"
@@ -199,7 +208,7 @@ def run_ceiling(job: Job) -> list[Timing]:
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from rlora.models import resolve_model
+    from rlora.train.models import resolve_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("default"), dtype=torch.bfloat16)
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)]
@@ -208,7 +217,7 @@ def run_ceiling(job: Job) -> list[Timing]:
         rows = w.prompts * w.samples  # sequences decoding together: one new token each per step
         x = {d_in: torch.randn(rows, d_in, dtype=torch.bfloat16) for d_in in {wt.shape[1] for wt in weights}}
 
-        def one_step() -> float:
+        def one_step(x: dict[int, torch.Tensor] = x) -> float:
             start = time.perf_counter()
             with torch.no_grad():
                 for wt in weights:
@@ -242,12 +251,12 @@ def write_rank1_adapter(out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlora import lora
-    from rlora.models import resolve_model
+    from rlora.train import lora
+    from rlora.train.models import resolve_model
 
     model_path = resolve_model("default")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    spec = lora.LoRASpec(1)
+    spec = lora.LoRASpec(rank=1)
     generator = torch.Generator().manual_seed(0)
     lora.apply_lora(model, spec, generator=generator)
     with torch.no_grad():
@@ -263,9 +272,7 @@ def format_table(timings: list[Timing]) -> str:
     for t in timings:
         ref = hf.get((t.adapter, t.workload)) if t.side != "hf" else None
         ratio = f"{t.tok_s / ref.tok_s:.1f}x" if ref else ""
-        rows.append(
-            f"| {t.side} | {t.adapter} | {t.workload} | {t.tokens:,.0f} | {statistics.median(t.seconds):.2f} | {t.tok_s:,.0f} | {ratio} |"
-        )
+        rows.append(f"| {t.side} | {t.adapter} | {t.workload} | {t.tokens:,.0f} | {statistics.median(t.seconds):.2f} | {t.tok_s:,.0f} | {ratio} |")
     return "\n".join(rows)
 
 
@@ -314,8 +321,10 @@ def main() -> None:
         print(f"{adapter}: vLLM / HF on {same.label} = {ratio:.1f}x (target >= {TARGET_RATIO:g}x): {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}")
     if "base" in args.adapters:  # the ceiling is the base model's
         ceiling, hf_base, vllm_base = on_same["ceiling", "base"], on_same["hf", "base"], on_same["vllm", "base"]
-        print(f"ceiling on {same.label}: {ceiling.tok_s:,.0f} tok/s from matrix products alone = {ceiling.tok_s / hf_base.tok_s:.1f}x HF base, "
-              f"the most any engine can reach on this machine; vLLM base reaches {vllm_base.tok_s / ceiling.tok_s:.0%} of it")
+        print(
+            f"ceiling on {same.label}: {ceiling.tok_s:,.0f} tok/s from matrix products alone = {ceiling.tok_s / hf_base.tok_s:.1f}x HF base, "
+            f"the most any engine can reach on this machine; vLLM base reaches {vllm_base.tok_s / ceiling.tok_s:.0%} of it"
+        )
     if args.out:
         payload = {
             "fast_lora_env": fast_lora,

@@ -4,7 +4,7 @@ The work per optimizer step: 8 arithmetic prompts x 8 samples, up to 64 new toke
 EOS), the default model (SmolLM2-135M-Instruct), CPU, reward `rewards.grade(completion, gold,
 "number")`, one AdamW step over all 64 completions in micro-batches of 16, no KL reference.
 
-  ours   `rlora.rl.run_rl` with the demo preset (`configs/rl_cpu_demo_full.yaml` or
+  ours   `rlora.rl.loop.run_rl` with the demo preset (`configs/rl_cpu_demo_full.yaml` or
          `rl_cpu_demo_lora_r1.yaml`), no checkpoints; step_s from metrics.jsonl, median over the
          steps after step 0 (step 0 carries first-call warm-up). Sampling is our in-process vLLM
          engine (bf16); the learner keeps float32 masters under bf16 autocast (a bf16 frozen base
@@ -81,20 +81,29 @@ class Result:
 
 def run_ours(job: Job) -> Result:
     from rlora.config import RLConfig, load_config
-    from rlora.rl import run_rl
+    from rlora.rl.loop import run_rl
 
     with tempfile.TemporaryDirectory(prefix="rlora-bench-trl-") as tmp:
         overrides = [
-            f"max_steps={job.steps}", "checkpoint_every=0", f"run_dir={tmp}/run", f"prompts_per_step={job.prompts}",
-            f"group_size={job.group_size}", f"max_tokens={job.max_tokens}", f"micro_batch={job.micro_batch}",
+            f"max_steps={job.steps}",
+            "checkpoint_every=0",
+            f"run_dir={tmp}/run",
+            f"prompts_per_step={job.prompts}",
+            f"group_size={job.group_size}",
+            f"max_tokens={job.max_tokens}",
+            f"micro_batch={job.micro_batch}",
         ]
         cfg = load_config(RLConfig, PRESETS[job.arm], overrides)
         rows = run_rl(cfg, progress=False).read_metrics()
     n = job.prompts * job.group_size
     keys = ("sample_s", "grade_s", "learn_s", "handoff_s", "verify_s")
     return Result(
-        "ours", job.arm, [float(r["step_s"]) for r in rows], [float(r["tokens"]) / n for r in rows],  # type: ignore[arg-type]
-        f"vLLM {cfg.dtype}; learner float32 masters, {cfg.dtype} autocast", [{k: float(r[k]) for k in keys} for r in rows],  # type: ignore[arg-type]
+        "ours",
+        job.arm,
+        [float(r["step_s"]) for r in rows],
+        [float(r["tokens"]) / n for r in rows],  # type: ignore[arg-type]
+        f"vLLM {cfg.dtype}; learner float32 masters, {cfg.dtype} autocast",
+        [{k: float(r[k]) for k in keys} for r in rows],  # type: ignore[arg-type]
     )
 
 
@@ -102,13 +111,12 @@ def run_trl(job: Job) -> Result:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
 
     import rewards
     from rlora.config import RLConfig, load_config
     from rlora.data import arith_problems
-    from rlora.models import resolve_model
-
-    from trl import GRPOConfig, GRPOTrainer
+    from rlora.train.models import resolve_model
 
     cfg = load_config(RLConfig, PRESETS[job.arm])
     model_path = resolve_model(cfg.model)
@@ -146,7 +154,11 @@ def run_trl(job: Job) -> Result:
         from peft import LoraConfig
 
         peft_config = LoraConfig(
-            r=1, lora_alpha=32, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+            r=1,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         )
     weights_dtype = "bfloat16" if job.arm == "lora" else "float32"  # as our learner keeps them
@@ -156,20 +168,42 @@ def run_trl(job: Job) -> Result:
 
     def make_trainer(bf16: bool, out_dir: str) -> tuple[GRPOTrainer, StepTimer]:
         args = GRPOConfig(
-            output_dir=out_dir, use_cpu=True, seed=cfg.seed, max_steps=job.steps,
-            per_device_train_batch_size=per_device, gradient_accumulation_steps=total // per_device,
-            num_generations=job.group_size, max_completion_length=job.max_tokens,
-            temperature=cfg.temperature, top_p=1.0, top_k=0, beta=0.0, use_vllm=False,
-            learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.grad_clip, bf16=bf16, gradient_checkpointing=False,
+            output_dir=out_dir,
+            use_cpu=True,
+            seed=cfg.seed,
+            max_steps=job.steps,
+            per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=total // per_device,
+            num_generations=job.group_size,
+            max_completion_length=job.max_tokens,
+            temperature=cfg.temperature,
+            top_p=1.0,
+            top_k=0,
+            beta=0.0,
+            use_vllm=False,
+            learning_rate=cfg.lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.grad_clip,
+            bf16=bf16,
+            gradient_checkpointing=False,
             model_init_kwargs={"dtype": getattr(torch, weights_dtype)},
-            logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
+            logging_strategy="no",
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
             dataloader_num_workers=0,
         )
         timer = StepTimer()
         trainer = GRPOTrainer(
-            model=model_path, reward_funcs=arith_reward, args=args, train_dataset=dataset,
-            processing_class=tokenizer, peft_config=peft_config, callbacks=[timer],
+            model=model_path,
+            reward_funcs=arith_reward,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[timer],
         )
         return trainer, timer
 
@@ -188,9 +222,7 @@ def run_trl(job: Job) -> Result:
     # generate_s: step begin to the reward call (prompt tokenization + HF generate + decode);
     # train_s: the rest (reward, advantages, forward/backward of every micro-batch, optimizer step).
     gen_at = generated_at[-job.steps :]
-    breakdown = [
-        {"generate_s": g - b, "train_s": e - g} for b, g, e in zip(timer.begins, gen_at, timer.marks[1:])
-    ]
+    breakdown = [{"generate_s": g - b, "train_s": e - g} for b, g, e in zip(timer.begins, gen_at, timer.marks[1:])]
     return Result("trl", job.arm, step_s, lengths[-job.steps :], precision, breakdown)
 
 
@@ -214,9 +246,7 @@ def format_table(results: list[Result]) -> str:
     for r in results:
         ratio = f"{trl[r.arm].timed_s / r.timed_s:.1f}x" if r.side == "ours" and r.arm in trl else ""
         lengths = f"{statistics.mean(r.mean_completion_tokens):.1f}" if r.mean_completion_tokens else "n/a"
-        rows.append(
-            f"| {r.arm} | {r.side} | {r.precision} | {', '.join(f'{s:.1f}' for s in r.step_s)} | {r.timed_s:.1f} | {lengths} | {ratio} |"
-        )
+        rows.append(f"| {r.arm} | {r.side} | {r.precision} | {', '.join(f'{s:.1f}' for s in r.step_s)} | {r.timed_s:.1f} | {lengths} | {ratio} |")
     return "\n".join(rows)
 
 
@@ -256,9 +286,16 @@ def main() -> None:
             parts = ", ".join(f"{k} {statistics.median(b[k] for b in rows):.2f}" for k in rows[0])
             print(f"{r.side} {r.arm}, median after the warm-up step: step {r.timed_s:.2f} s; {parts}")
     for arm, v in verdicts.items():
-        print(f"{arm}: TRL {v['trl_s']:.1f} s/step, ours {v['ours_s']:.1f} s/step: {v['speedup']:.1f}x (target >= {TARGET_SPEEDUP:g}x): {'PASS' if v['pass'] else 'FAIL'}")
+        print(
+            f"{arm}: TRL {v['trl_s']:.1f} s/step, ours {v['ours_s']:.1f} s/step: {v['speedup']:.1f}x (target >= {TARGET_SPEEDUP:g}x): {'PASS' if v['pass'] else 'FAIL'}"
+        )
     if args.out:
-        payload = {"fast_lora_env": fast_lora, "results": [asdict(r) | {"timed_s": r.timed_s} for r in results], "verdicts": verdicts, "foreign_cpu_share": contention}
+        payload = {
+            "fast_lora_env": fast_lora,
+            "results": [asdict(r) | {"timed_s": r.timed_s} for r in results],
+            "verdicts": verdicts,
+            "foreign_cpu_share": contention,
+        }
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
 
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rlora.advantages import center
-from rlora.batching import build_batch
-from rlora.distributed import close_world, follow, lead, make_learner, shard_batch, shard_rows
-from rlora.learner import Learner, LearnerSpec
-from rlora.lora import LoRASpec
-from rlora.losses import LOSSES
-from rlora.types import Group, Prompt, Rollout, TrainBatch
+from rlora.rl.advantages import center
+from rlora.rl.batching import build_batch
+from rlora.rl.losses import LOSSES
+from rlora.rl.types import Group, Prompt, Rollout, TrainBatch
+from rlora.train.distributed import close_world, follow, lead, make_learner, shard_batch, shard_rows
+from rlora.train.learner import Learner, LearnerSpec
+from rlora.train.lora import LoRASpec
 
 REPO = Path(__file__).resolve().parents[1]
 CAP_T = (2.0, 1.0)  # is_cap, temperature of every step below
@@ -37,8 +37,16 @@ def batch_of(num_prompts: int, seed: int = 0) -> TrainBatch:
         for i in range(4):
             completion = tuple(torch.randint(3, 128, (1 + (5 * i + 3 * p) % 9,), generator=g).tolist())
             lps = tuple((-torch.rand(len(completion), generator=g) * 3).tolist())
-            rollouts.append(Rollout(prompt_ids, completion, lps, float((i + p) % 3 == 0), ""))
-        groups.append(Group(Prompt(f"p{p}", "q", prompt_ids, "1", "number"), tuple(rollouts), 0))
+            rollouts.append(
+                Rollout(prompt_ids=prompt_ids, completion_ids=completion, sampler_logprobs=lps, reward=float((i + p) % 3 == 0), text="", finish_reason="stop")
+            )
+        groups.append(
+            Group(
+                prompt=Prompt(problem_id=f"p{p}", question="q", prompt_ids=prompt_ids, reference="1", reward_task="number"),
+                rollouts=tuple(rollouts),
+                policy_version=0,
+            )
+        )
     batch = build_batch(groups, center, pad_id=0)
     assert batch is not None
     return batch
@@ -47,8 +55,8 @@ def batch_of(num_prompts: int, seed: int = 0) -> TrainBatch:
 def spec_for(path: str, arm: str) -> LearnerSpec:
     # gaussian_ab: A and B both move in the first step; at scale 1 the random adapter (alpha 32)
     # makes the gradient ill-conditioned: micro-batch 3 vs 12 alone then differ by 1e-3 relative.
-    lora = LoRASpec(1, init="gaussian_ab", init_scale=0.02) if arm == "lora_r1" else None
-    return LearnerSpec(path, lora, lr=1e-3, dtype="float32", micro_batch=3, grad_clip=1e-3, seed=0)
+    lora = LoRASpec(rank=1, init="gaussian_ab", init_scale=0.02) if arm == "lora_r1" else None
+    return LearnerSpec(model_path=path, lora=lora, lr=1e-3, dtype="float32", micro_batch=3, grad_clip=1e-3, seed=0)
 
 
 def trainable_of(learner: Learner) -> dict[str, torch.Tensor]:
@@ -104,8 +112,7 @@ def free_port() -> int:
 
 def _join(rank: int, world: int, port: int) -> None:
     """What torchrun would set for this process; make_learner reads it (through accelerate)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
 
 
@@ -196,15 +203,18 @@ def launcher(name: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("launch", "arm"), [("torchrun", "rank=1 lr=1e-3"), ("accelerate", "rank=full learner_parallel=fsdp lr=1e-5")],
-                         ids=["torchrun_lora_r1_ddp", "accelerate_full_fsdp"])
+@pytest.mark.parametrize(
+    ("launch", "arm"),
+    [("torchrun", "rank=1 lr=1e-3"), ("accelerate", "rank=full learner_parallel=fsdp lr=1e-5")],
+    ids=["torchrun_lora_r1_ddp", "accelerate_full_fsdp"],
+)
 def test_rl_step_with_two_learner_processes(tmp_path, launch, arm):
     """`rlora rl` with 2 learner processes: rank 0's engine in its own process, a step, the handoff, a checkpoint."""
     run_dir = tmp_path / "run"
     tiny = ["prompts_per_step=2", "group_size=4", "max_tokens=12", "kv_cache_gib=1", "micro_batch=8", "max_steps=1", "checkpoint_every=1"]
     cmd = [*launcher(launch), "rlora.cli", "rl", *tiny, *arm.split(), f"run_dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0] and rows[0]["tokens"] > 0

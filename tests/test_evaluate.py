@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from rlora.cli import main
-from rlora.compare import compare
 from rlora.data import DataError, Problem
-from rlora.evaluate import (
+from rlora.engine.sampler import EngineSpec
+from rlora.eval.evaluate import (
     EvalRequest,
     avg_at_k,
     evaluate_problems,
@@ -25,11 +25,10 @@ from rlora.evaluate import (
     resolve_policy,
     run_eval,
 )
-from rlora.sampler import EngineSpec
-from rlora.types import Prompt, Sample
+from rlora.experiments.compare import compare
+from rlora.rl.types import Prompt, Sample
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "math500.jsonl").exists(), reason=f"no offline benchmark files in {DATA}")
+DATA = Path(__file__).resolve().parent / "data"  # a few dozen rows of each benchmark, committed (tests/data/README.md)
 
 # ------------------------------------------------------------------------------------ metrics
 
@@ -89,7 +88,7 @@ class FakeSampler:
 
     def __init__(self, max_num_seqs: int = 4) -> None:
         self.tokenizer = ByteTokenizer()
-        self.spec = EngineSpec("fake", max_model_len=4096, max_num_seqs=max_num_seqs)
+        self.spec = EngineSpec(model_path="fake", max_model_len=4096, max_num_seqs=max_num_seqs)
         self.calls: list[int] = []
 
     def sample(self, prompts: list[Prompt], group_size: int, max_tokens: int, temperature: float) -> list[list[Sample]]:
@@ -97,7 +96,12 @@ class FakeSampler:
         out = []
         for p in prompts:
             texts = [f"so it is \\boxed{{{p.reference}}}" if i % 2 == 0 else "I am not sure." for i in range(group_size)]
-            out.append([Sample((1,) * (3 + i), (0.0,) * (3 + i), t, "stop" if i < 3 else "length") for i, t in enumerate(texts)])
+            out.append(
+                [
+                    Sample(completion_ids=(1,) * (3 + i), sampler_logprobs=(0.0,) * (3 + i), text=t, finish_reason="stop" if i < 3 else "length")
+                    for i, t in enumerate(texts)
+                ]
+            )
         return out
 
 
@@ -134,7 +138,7 @@ def test_pipeline_metrics_files_and_recompute(tmp_path):
 
 def test_prompt_too_long_is_an_error_before_sampling():
     sampler = FakeSampler()
-    sampler.spec = EngineSpec("fake", max_model_len=64)
+    sampler.spec = EngineSpec(model_path="fake", max_model_len=64)
     with pytest.raises(ValueError, match="max_model_len 64"):
         evaluate_problems(sampler, PROBLEMS, 1, 1.0, 32, None, progress=False)
     assert sampler.calls == []
@@ -148,7 +152,7 @@ def no_engine(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an engine was started")
 
-    monkeypatch.setattr("rlora.evaluate.Sampler", refuse)
+    monkeypatch.setattr("rlora.eval.evaluate.Sampler", refuse)
 
 
 def fake_run(root: Path, rank: object = 1) -> Path:
@@ -192,7 +196,6 @@ def test_policy_resolution(tmp_path):
         (["--samples", "2", "--temperature", "0"], "greedy"),
     ],
 )
-@needs_data
 def test_eval_errors_before_any_engine(extra, error, tmp_path, no_engine, capsys):
     run = fake_run(tmp_path)
     extra = [str(run) if a == "RUN" else a for a in extra]
@@ -259,11 +262,31 @@ def test_compare_table_and_plots(tmp_path):
 
 
 @pytest.mark.slow
-@needs_data
 def test_eval_end_to_end_default_model(tmp_path, capsys):
     out = tmp_path / "eval"
-    main(["eval", "--model", "default", "--benchmarks", "math500,gsm8k", "--samples", "2", "--limit", "3",
-          "--max-tokens", "24", "--temperature", "1.0", "--data-dir", str(DATA), "--out", str(out), "--kv-cache-gib", "1"])
+    main(
+        [
+            "eval",
+            "--model",
+            "default",
+            "--benchmarks",
+            "math500,gsm8k",
+            "--samples",
+            "2",
+            "--limit",
+            "3",
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "1.0",
+            "--data-dir",
+            str(DATA),
+            "--out",
+            str(out),
+            "--kv-cache-gib",
+            "1",
+        ]
+    )
     assert "| math500 | 3 |" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
@@ -278,20 +301,35 @@ def test_eval_end_to_end_default_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@needs_data
 @pytest.mark.parametrize("rank", ["1", "full"])
 def test_rl_periodic_eval_and_checkpoint_eval(rank, tmp_path):
     """A one-step run evaluates policies v0 and v1; `rlora eval --run --step 1` sees the same v1."""
     from rlora.config import RLConfig, load_config
-    from rlora.rl import run_rl
+    from rlora.rl.loop import run_rl
 
     run_dir = tmp_path / "run"
     lr = "1e-3" if rank == "1" else "1e-5"
-    cfg = load_config(RLConfig, None, [
-        "prompts_per_step=2", "group_size=4", "max_tokens=12", "kv_cache_gib=1", "micro_batch=8", "dtype=float32",
-        f"rank={rank}", f"lr={lr}", "max_steps=1", "checkpoint_every=1", f"run_dir={run_dir}",
-        "eval_every=1", "eval_benchmarks=gsm8k,math500", "eval_limit=2", f"eval_data_dir={DATA}",
-    ])
+    cfg = load_config(
+        RLConfig,
+        None,
+        [
+            "prompts_per_step=2",
+            "group_size=4",
+            "max_tokens=12",
+            "kv_cache_gib=1",
+            "micro_batch=8",
+            "dtype=float32",
+            f"rank={rank}",
+            f"lr={lr}",
+            "max_steps=1",
+            "checkpoint_every=1",
+            f"run_dir={run_dir}",
+            "eval_every=1",
+            "eval_benchmarks=gsm8k,math500",
+            "eval_limit=2",
+            f"eval_data_dir={DATA}",
+        ],
+    )
     run = run_rl(cfg, progress=False)
     rows = run.read_metrics()
     assert [r["step"] for r in rows] == [0, 1]
@@ -304,8 +342,18 @@ def test_rl_periodic_eval_and_checkpoint_eval(rank, tmp_path):
 
     policy = resolve_policy(None, None, None, str(run_dir), 1, None)
     assert (policy.adapter is None) == (rank == "full")
-    req = EvalRequest(policy, ("gsm8k", "math500"), samples=1, temperature=0.0, max_tokens=12, limit=2,
-                      data_dir=str(DATA), out=tmp_path / "eval", device="cpu", kv_cache_gib=1)
+    req = EvalRequest(
+        policy,
+        ("gsm8k", "math500"),
+        samples=1,
+        temperature=0.0,
+        max_tokens=12,
+        limit=2,
+        data_dir=str(DATA),
+        out=tmp_path / "eval",
+        device="cpu",
+        kv_cache_gib=1,
+    )
     results = run_eval(req, progress=False)
     # greedy, float32: the checkpoint's policy completes the prompts exactly as the live one did
     offline = (tmp_path / "eval" / "completions.jsonl").read_text().splitlines()

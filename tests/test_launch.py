@@ -13,14 +13,28 @@ from pathlib import Path
 
 import pytest
 
-from rlora import launch as launch_mod
 from rlora.config import ConfigError, RLConfig, from_dict, parse_overrides, save_config, to_dict
-from rlora.launch import (
-    Command, Node, Run, Status, assign, command_for, config_args, dry_run, format_override, is_finished, launch,
-    load_plan, make_node, parse_gpus, pick, place, status_table,
+from rlora.experiments import launch as launch_mod
+from rlora.experiments.launch import (
+    Command,
+    Node,
+    Run,
+    Status,
+    assign,
+    command_for,
+    config_args,
+    dry_run,
+    format_override,
+    is_finished,
+    launch,
+    load_plan,
+    make_node,
+    parse_gpus,
+    pick,
+    place,
+    status_table,
 )
 from rlora.runs import RunDir
-from rlora.sweep import claim
 
 REPO = Path(__file__).resolve().parents[1]
 NODE8 = Node(tuple(range(8)))
@@ -42,26 +56,32 @@ def _by_run(placements) -> dict[str, tuple[tuple[int, ...], int]]:
 # ----------------------------------------------------------------------------- the node
 
 
-@pytest.mark.parametrize("spec, ids", [
-    ("0-7", (0, 1, 2, 3, 4, 5, 6, 7)),
-    ("0,2,5", (0, 2, 5)),
-    ("0-3,6", (0, 1, 2, 3, 6)),
-    (" 4 , 1", (4, 1)),  # the order given is the order placement calls neighbours
-    ("3", (3,)),
-])
+@pytest.mark.parametrize(
+    "spec, ids",
+    [
+        ("0-7", (0, 1, 2, 3, 4, 5, 6, 7)),
+        ("0,2,5", (0, 2, 5)),
+        ("0-3,6", (0, 1, 2, 3, 6)),
+        (" 4 , 1", (4, 1)),  # the order given is the order placement calls neighbours
+        ("3", (3,)),
+    ],
+)
 def test_gpu_specs(spec, ids):
     assert parse_gpus(spec) == ids
     assert parse_gpus(launch_mod._ids(ids)) == ids  # the tables print what --gpus reads
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("", "'' is not a GPU id"),
-    ("0-7x", "'0-7x' is not a GPU id"),
-    ("a,b", "'a' is not a GPU id"),
-    ("-1", "'-1' is not a GPU id"),
-    ("7-0", "'7-0' is not an increasing range"),
-    ("0-3,2", "names GPU 2 twice"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "'' is not a GPU id"),
+        ("0-7x", "'0-7x' is not a GPU id"),
+        ("a,b", "'a' is not a GPU id"),
+        ("-1", "'-1' is not a GPU id"),
+        ("7-0", "'7-0' is not an increasing range"),
+        ("0-3,2", "names GPU 2 twice"),
+    ],
+)
 def test_bad_gpu_specs_say_what_is_wrong(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_gpus(spec)
@@ -142,7 +162,7 @@ def test_random_plans_never_overload_a_gpu_and_place_every_run_once():
                 if p.wave == wave:
                     assert len(p.gpus) == p.run.gpus
                     at = node.gpus.index(p.gpus[0])
-                    assert p.gpus == node.gpus[at: at + len(p.gpus)], "a block must be neighbours"
+                    assert p.gpus == node.gpus[at : at + len(p.gpus)], "a block must be neighbours"
                     for g in p.gpus:
                         load[g] += launch_mod.cost(p.run, node)
             assert max(load.values()) <= node.share
@@ -166,21 +186,28 @@ grid:
 def test_plan_reads_gpus_per_run_by_rank(tmp_path):
     plan = load_plan(_write(tmp_path / "p.yaml", PLAN), out=tmp_path / "out")
     assert {r.name: r.gpus for r in plan.runs} == {
-        "rank=full,lr=1e-05": 2, "rank=1,lr=0.0001": 1, "rank=1,lr=0.001": 1, "rank=32,lr=0.0001": 3, "rank=32,lr=0.001": 3,
+        "rank=full,lr=1e-05": 2,
+        "rank=1,lr=0.0001": 1,
+        "rank=1,lr=0.001": 1,
+        "rank=32,lr=0.0001": 3,
+        "rank=32,lr=0.001": 3,
     }
     assert plan.share == 1 and plan.sweep.kind == "rl" and [p.name for p in plan.sweep.points] == [r.name for r in plan.runs]
     assert plan.sweep.points[0].config.run_dir == str(tmp_path / "out" / "rank=full,lr=1e-05")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("kind: rl\ndevices: [cuda:0]\ngrid: {rank: [1]}\n", "unknown plan key 'devices'"),
-    ("kind: rl\ngpus_per_rnu: 2\ngrid: {rank: [1]}\n", "unknown plan key 'gpus_per_rnu'"),
-    ("kind: rl\ngpus_per_run: {full: 0}\ngrid: {rank: [1]}\n", "'gpus_per_run'.*full: must be an integer >= 1"),
-    ("kind: rl\ngpus_per_run: {dora: 1}\ngrid: {rank: [1]}\n", "'dora' is not lora, full or a LoRA rank"),
-    ("kind: rl\ngpus_per_run: two\ngrid: {rank: [1]}\n", "'gpus_per_run'.*must be an integer or a mapping"),
-    ("kind: rl\nshare: 0\ngrid: {rank: [1]}\n", "'share'.*>= 1"),
-    ("kind: rl\ngrid: {rnak: [1]}\n", "unknown config key 'rnak'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("kind: rl\ndevices: [cuda:0]\ngrid: {rank: [1]}\n", "unknown plan key 'devices'"),
+        ("kind: rl\ngpus_per_rnu: 2\ngrid: {rank: [1]}\n", "unknown plan key 'gpus_per_rnu'"),
+        ("kind: rl\ngpus_per_run: {full: 0}\ngrid: {rank: [1]}\n", "'gpus_per_run'.*full: must be an integer >= 1"),
+        ("kind: rl\ngpus_per_run: {dora: 1}\ngrid: {rank: [1]}\n", "'dora' is not lora, full or a LoRA rank"),
+        ("kind: rl\ngpus_per_run: two\ngrid: {rank: [1]}\n", "'gpus_per_run'.*must be an integer or a mapping"),
+        ("kind: rl\nshare: 0\ngrid: {rank: [1]}\n", "'share'.*>= 1"),
+        ("kind: rl\ngrid: {rnak: [1]}\n", "unknown config key 'rnak'"),
+    ],
+)
 def test_bad_plans_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_plan(_write(tmp_path / "bad.yaml", text))
@@ -200,27 +227,32 @@ def test_example_plans_place_as_documented():
 # ----------------------------------------------------------------------------- commands as data
 
 
-@pytest.mark.parametrize("value, text", [
-    ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B"),
-    ("gsm8k,math500", "gsm8k,math500"),
-    ("", '""'),
-    ("true", '"true"'),
-    ("1", '"1"'),
-    ("null", '"null"'),
-    ("a: b", '"a: b"'),
-    (5e-06, "5e-06"),
-    (True, "true"),
-    (None, "null"),
-])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B"),
+        ("gsm8k,math500", "gsm8k,math500"),
+        ("", '""'),
+        ("true", '"true"'),
+        ("1", '"1"'),
+        ("null", '"null"'),
+        ("a: b", '"a: b"'),
+        (5e-06, "5e-06"),
+        (True, "true"),
+        (None, "null"),
+    ],
+)
 def test_override_values_read_back_as_written(value, text):
     assert format_override(value) == text
     assert parse_overrides([f"k={text}"])["k"] in (value, str(value))  # a float the config coerces from "5e-06"
 
 
 def test_config_args_rebuild_the_config_exactly():
-    cfg = RLConfig(model="1", rank="full", lr=1.5e-6, train_data="", lora_targets="q_proj,v_proj", eval_benchmarks="gsm8k", run_dir="runs/x/rank=full,lr=1.5e-06")
+    cfg = RLConfig(
+        model="1", rank="full", lr=1.5e-6, train_data="", lora_targets="q_proj,v_proj", eval_benchmarks="gsm8k", run_dir="runs/x/rank=full,lr=1.5e-06"
+    )
     args = config_args(cfg)
-    assert args[:4] == ["model=\"1\"", "rank=full", "lora_targets=q_proj,v_proj", "lr=1.5e-06"]  # what differs from the defaults, in field order
+    assert args[:4] == ['model="1"', "rank=full", "lora_targets=q_proj,v_proj", "lr=1.5e-06"]  # what differs from the defaults, in field order
     assert "train_data=" not in " ".join(args)  # the default
     assert from_dict(RLConfig, parse_overrides(args)) == cfg
 
@@ -299,10 +331,12 @@ def test_run_dir_of_another_config_stops_the_launch(tmp_path):
 
 
 def test_status_table():
-    text = status_table([
-        Status("rank=1,lr=0.001", "0", "running", "12/200", "reward_mean 0.4062", 75.0),
-        Status("rank=full,lr=1e-05", "4-7", "waiting", "0/200", "", 0.0),
-    ])
+    text = status_table(
+        [
+            Status("rank=1,lr=0.001", "0", "running", "12/200", "reward_mean 0.4062", 75.0),
+            Status("rank=full,lr=1e-05", "4-7", "waiting", "0/200", "", 0.0),
+        ]
+    )
     assert text.splitlines() == [
         "run                 gpus  state    step    last                elapsed",
         "rank=1,lr=0.001     0     running  12/200  reward_mean 0.4062  0:01:15",
@@ -400,7 +434,7 @@ def test_runs_on_the_same_gpu_never_overlap(tmp_path, fake_child):
 
 def test_run_held_by_another_launcher_is_taken(tmp_path, fake_child):
     plan = load_plan(_write(tmp_path / "p.yaml", "kind: sft\nfixed: {max_steps: 1}\ngrid: {rank: [1, 4], lr: [0.1]}\n"), out=tmp_path / "out")
-    with claim(tmp_path / "out" / "rank=1,lr=0.1") as mine:
+    with RunDir(tmp_path / "out" / "rank=1,lr=0.1").claim() as mine:
         assert mine
         outcome = launch(plan, Node((0,), cpu=True), refresh_s=0.0)
     assert outcome["taken"] == ["rank=1,lr=0.1"] and outcome["done"] == ["rank=4,lr=0.1"]
@@ -408,12 +442,12 @@ def test_run_held_by_another_launcher_is_taken(tmp_path, fake_child):
 
 def test_cli_dry_run_and_errors(tmp_path):
     cmd = [sys.executable, "-m", "rlora.cli", "launch", "configs/launch_8gpu_example.yaml", "--out", str(tmp_path / "o"), "--dry-run"]
-    ok = subprocess.run([*cmd, "--gpus", "0-7"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    ok = subprocess.run([*cmd, "--gpus", "0-7"], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert ok.returncode == 0, ok.stderr
     assert "9 to run" in ok.stdout and ok.stdout.count("--nproc_per_node=4") == 3
-    bad = subprocess.run([*cmd, "--gpus", "0-3,3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*cmd, "--gpus", "0-3,3"], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert bad.returncode == 2 and "names GPU 3 twice" in bad.stderr
-    small = subprocess.run([*cmd, "--gpus", "0-2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    small = subprocess.run([*cmd, "--gpus", "0-2"], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert small.returncode == 2 and "run 'rank=full,learner_parallel=fsdp,lr=1.5e-06' needs 4 GPUs but the node has 3" in small.stderr
 
 
@@ -426,7 +460,7 @@ def test_tiny_real_launch_on_cpu_slots(tmp_path):
     out = tmp_path / "tiny"
     cmd = [sys.executable, "-m", "rlora.cli", "launch", "configs/launch_cpu_tiny.yaml", "--cpu-slots", "2", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "2 trained, 0 already done" in first.stdout
     for name in ("rank=1,lr=0.001", "rank=full,lr=0.001"):
@@ -436,6 +470,6 @@ def test_tiny_real_launch_on_cpu_slots(tmp_path):
         assert json.loads((run / "config.json").read_text())["device"] == "cpu"
     times = [json.loads((out / n / "done.json").read_text())["time"] for n in ("rank=1,lr=0.001", "rank=full,lr=0.001")]
     assert "3/3" in first.stdout and "2 done" in first.stdout
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert second.returncode == 0 and "0 trained, 2 already done" in second.stdout
     assert [json.loads((out / n / "done.json").read_text())["time"] for n in ("rank=1,lr=0.001", "rank=full,lr=0.001")] == times

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlora.advantages import center
-from rlora.batching import build_batch
-from rlora.learner import Learner, LearnerSpec
-from rlora.lora import LoRASpec
-from rlora.losses import LOSSES
-from rlora.types import Group, Prompt, Rollout
+from rlora.rl.advantages import center
+from rlora.rl.batching import build_batch
+from rlora.rl.losses import LOSSES
+from rlora.rl.types import Group, Prompt, Rollout
+from rlora.train.learner import Learner, LearnerSpec
+from rlora.train.lora import LoRASpec
 
 
 def _batch(seed: int = 0):
@@ -23,19 +23,25 @@ def _batch(seed: int = 0):
         for i in range(4):
             comp = tuple(torch.randint(3, 128, (2 + (i * 3 + p) % 5,), generator=g).tolist())
             lps = tuple((-torch.rand(len(comp), generator=g) * 4).tolist())
-            rollouts.append(Rollout(prompt_ids, comp, lps, float(i % 2), ""))
-        groups.append(Group(Prompt(f"p{p}", "q", prompt_ids, "1", "number"), tuple(rollouts), 0))
+            rollouts.append(Rollout(prompt_ids=prompt_ids, completion_ids=comp, sampler_logprobs=lps, reward=float(i % 2), text="", finish_reason="stop"))
+        groups.append(
+            Group(
+                prompt=Prompt(problem_id=f"p{p}", question="q", prompt_ids=prompt_ids, reference="1", reward_task="number"),
+                rollouts=tuple(rollouts),
+                policy_version=0,
+            )
+        )
     batch = build_batch(groups, center, pad_id=0)
     assert batch is not None
     return batch
 
 
 def _learner(path, lora, micro_batch=16, dtype="float32", lr=1e-2):
-    return Learner(LearnerSpec(path, lora, lr=lr, dtype=dtype, micro_batch=micro_batch, seed=0))
+    return Learner(LearnerSpec(model_path=path, lora=lora, lr=lr, dtype=dtype, micro_batch=micro_batch, seed=0))
 
 
 def test_fast_logprobs_match_full_logits_reference(tiny_model_path):
-    learner = _learner(tiny_model_path, LoRASpec(2, init="gaussian_ab"))
+    learner = _learner(tiny_model_path, LoRASpec(rank=2, init="gaussian_ab"))
     batch = _batch()
     T = 0.7
     lp_N, entropy_N = learner.token_logprobs(batch.tokens_B_T, batch.targets_B_T, batch.mask_B_T, batch.lengths_B, T)
@@ -59,7 +65,7 @@ def test_probe_logprobs_match_sequence_forward(tiny_model_path):
     assert learner.sequence_logprobs(ids) == pytest.approx(ref, abs=1e-5)
 
 
-@pytest.mark.parametrize("lora", [LoRASpec(1, init="gaussian_ab"), None], ids=["lora_r1", "full"])
+@pytest.mark.parametrize("lora", [LoRASpec(rank=1, init="gaussian_ab"), None], ids=["lora_r1", "full"])
 def test_gradient_does_not_depend_on_micro_batch(tiny_model_path, lora):
     batch = _batch()
     grads = []
@@ -72,7 +78,7 @@ def test_gradient_does_not_depend_on_micro_batch(tiny_model_path, lora):
 
 
 def test_lora_step_moves_only_the_adapter(tiny_model_path):
-    learner = _learner(tiny_model_path, LoRASpec(1))
+    learner = _learner(tiny_model_path, LoRASpec(rank=1))
     before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
     stats = learner.train_step(_batch(), LOSSES["tis"], norm=10.0, cap=2.0, temperature=1.0)
     for key in ("loss", "grad_norm", "entropy", "ratio_mean", "ratio_max", "truncated_frac", "kl_sample_train"):
@@ -93,11 +99,11 @@ def test_full_step_moves_the_weights(tiny_model_path):
 
 
 def test_state_roundtrip(tiny_model_path):
-    a = _learner(tiny_model_path, LoRASpec(1))
+    a = _learner(tiny_model_path, LoRASpec(rank=1))
     a.train_step(_batch(), LOSSES["tis"], norm=10.0, cap=2.0, temperature=1.0)
-    b = _learner(tiny_model_path, LoRASpec(1))
+    b = _learner(tiny_model_path, LoRASpec(rank=1))
     b.load_state(a.state())
     for (n, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(pa, pb), n
     with pytest.raises(ValueError, match="trainable"):
-        _learner(tiny_model_path, LoRASpec(2)).load_state({"trainable": {}, "optimizer": {}})
+        _learner(tiny_model_path, LoRASpec(rank=2)).load_state({"trainable": {}, "optimizer": {}})

@@ -1,4 +1,4 @@
-"""rlora.lora: alpha rules, inits, the wrapped forward, and the PEFT adapter round trip.
+"""rlora.train.lora: alpha rules, inits, the wrapped forward, and the PEFT adapter round trip.
 
 Most tests use a tiny random Llama (hidden 64, 2 layers, vocab 128); one runs a short forward
 of the real default model. The PEFT tests check our export against PEFT's own loader and our
@@ -18,8 +18,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlora import lora
-from rlora.lora import (
+from rlora.train import lora
+from rlora.train.lora import (
     ALPHA_DEFAULT_C,
     ALPHA_RULES,
     TARGETS_ALL_LINEAR,
@@ -72,6 +72,7 @@ def randomize_lora(model: nn.Module, seed: int = 2) -> None:
 
 # ----------------------------------------------------------------------------- alpha rules
 
+
 @pytest.mark.parametrize(
     ("rule", "rank", "alpha"),
     [
@@ -120,6 +121,7 @@ def test_spec_rejects_bad_fields(fields: dict[str, object], message: str) -> Non
 
 # ----------------------------------------------------------------------------- init and wrapping
 
+
 @pytest.mark.parametrize("init", ["default", "gaussian"])
 def test_zero_B_reproduces_tiny_base_exactly(init: str) -> None:
     model, ids_B_T = tiny_llama(), tokens_B_T()
@@ -130,10 +132,10 @@ def test_zero_B_reproduces_tiny_base_exactly(init: str) -> None:
 
 
 def test_zero_B_reproduces_default_model_exactly() -> None:
-    from rlora.models import default_model_dir, resolve_model
+    from rlora.train.models import default_model_dir, resolve_model
 
     if not (default_model_dir() / "model.safetensors").exists():
-        pytest.skip("default model not converted (rlora.models.fetch_default_model)")
+        pytest.skip("default model not converted (rlora.train.models.fetch_default_model)")
     model = LlamaForCausalLM.from_pretrained(resolve_model("default"), dtype=torch.float32).eval()
     ids_B_T = tokens_B_T(batch=1, length=6, vocab=model.config.vocab_size)
     before_B_T_V = logits(model, ids_B_T)
@@ -213,6 +215,7 @@ def test_targets_subset_and_errors() -> None:
 
 # ----------------------------------------------------------------------------- forward
 
+
 def test_forward_matches_manual_computation() -> None:
     layer = one_layer(48, 40)
     spec = LoRASpec(rank=6, alpha_rule="sqrt")
@@ -244,6 +247,7 @@ def test_bf16_base_keeps_float32_adapter() -> None:
 
 
 # ----------------------------------------------------------------------------- PEFT round trip
+
 
 def test_peft_loads_our_export(tmp_path: Path) -> None:
     from peft import PeftModel
@@ -310,6 +314,7 @@ def test_save_in_bfloat16(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- atomic save, errors
+
 
 def test_save_is_atomic_and_overwrites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, spec = tiny_llama(), LoRASpec(rank=2)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlora import models
+from rlora.train import models
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ import pytest
 import torch
 from test_learner import _batch  # tiny_model_path: a fixture of conftest.py
 
-from rlora import lora
 from rlora.cli import main as cli_main
 from rlora.config import ConfigError
-from rlora.learner import Learner, LearnerSpec
-from rlora.losses import LOSSES
-from rlora.multi import SHARED_KEYS, load_multi, resume_multi, run_multi, shared_base_learners
+from rlora.rl.losses import LOSSES
+from rlora.rl.multi import SHARED_KEYS, load_multi, resume_multi, run_multi, shared_base_learners
 from rlora.runs import RunDir
+from rlora.train import lora
+from rlora.train.learner import Learner, LearnerSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_runs_and_grid_name_the_runs_and_fixed_joins_overrides(tmp_path):
-    multi = load_multi(_write(tmp_path, "out: o\nfixed: {max_steps: 3}\nruns:\n  - {rank: 1, lr: 1.0e-3}\n  - {rank: 8, seed: 1}\n"), overrides={"group_size": 2})
+    multi = load_multi(
+        _write(tmp_path, "out: o\nfixed: {max_steps: 3}\nruns:\n  - {rank: 1, lr: 1.0e-3}\n  - {rank: 8, seed: 1}\n"), overrides={"group_size": 2}
+    )
     assert [p.name for p in multi.points] == ["rank=1,lr=0.001", "rank=8,seed=1"]
     cfgs = [p.config for p in multi.points]
     assert [c.max_steps for c in cfgs] == [3, 3] and [c.group_size for c in cfgs] == [2, 2]
@@ -89,7 +91,7 @@ SPECS = [(1, "constant", 0), (4, "per_rank", 1)]  # (rank, alpha_rule, seed) of 
 
 def _specs(path: str, dtype: str) -> list[LearnerSpec]:
     return [
-        LearnerSpec(path, lora.LoRASpec(rank, alpha_rule=rule), lr=1e-2 / (k + 1), dtype=dtype, micro_batch=5, seed=seed)
+        LearnerSpec(model_path=path, lora=lora.LoRASpec(rank=rank, alpha_rule=rule), lr=1e-2 / (k + 1), dtype=dtype, micro_batch=5, seed=seed)
         for k, (rank, rule, seed) in enumerate(SPECS)
     ]
 
@@ -140,8 +142,26 @@ def test_runs_are_independent_and_share_one_base(tiny_model_path):  # noqa: F811
 
 TINY = {"prompts_per_step": 2, "group_size": 4, "max_tokens": 16, "kv_cache_gib": 1, "micro_batch": 8, "checkpoint_every": 1}
 ROW_KEYS = {
-    "step", "reward_mean", "signal_groups", "loss", "grad_norm", "entropy", "ratio_mean", "ratio_max", "truncated_frac", "kl_sample_train",
-    "tokens", "train_tokens", "sample_s", "grade_s", "learn_s", "handoff_s", "probe_gap", "probe_shift", "verify_s", "step_s",
+    "step",
+    "reward_mean",
+    "signal_groups",
+    "loss",
+    "grad_norm",
+    "entropy",
+    "ratio_mean",
+    "ratio_max",
+    "truncated_frac",
+    "kl_sample_train",
+    "tokens",
+    "train_tokens",
+    "sample_s",
+    "grade_s",
+    "learn_s",
+    "handoff_s",
+    "probe_gap",
+    "probe_shift",
+    "verify_s",
+    "step_s",
 }
 
 
@@ -157,23 +177,23 @@ def _learner_logprobs(learner: Learner, prompt_ids: tuple[int, ...], completion_
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
 def test_two_adapters_and_the_base_mixed_in_one_batch_each_get_their_own_logprobs():
     """float32 engine and learners: a rank-1 and a rank-8 adapter and the base model, interleaved in
     ONE generate call; every sampled token's logprob must be its own policy's (learner, teacher forced)."""
-    from rlora.models import resolve_model
-    from rlora.rl import Probe, grade, make_prompt, probe_ids, publish
-    from rlora.data import load_task
-    from rlora.sampler import EngineSpec, Sampler
+    from rlora.data import load_task, make_prompt
+    from rlora.engine.sampler import EngineSpec, Sampler
+    from rlora.rl.handoff import Probe, probe_ids, publish
+    from rlora.rl.steps import reward_group
+    from rlora.train.models import resolve_model
 
     model_path = resolve_model("default")
-    specs = [LearnerSpec(model_path, lora.LoRASpec(rank), lr=1e-3, dtype="float32", seed=k) for k, rank in enumerate((1, 8, 1))]
+    specs = [LearnerSpec(model_path=model_path, lora=lora.LoRASpec(rank=rank), lr=1e-3, dtype="float32", seed=k) for k, rank in enumerate((1, 8, 1))]
     learners = shared_base_learners(specs)  # the third keeps B = 0: exactly the base model
     for k, learner in enumerate(learners[:2]):
         with torch.no_grad():
             for b in lora.lora_parameters(learner.model)[1]:
                 b.normal_(0, 0.03 * (k + 1), generator=torch.Generator().manual_seed(k))
-    sampler = Sampler(EngineSpec(model_path, "cpu", "float32", lora_rank=8, max_num_seqs=16, max_loras=2))
+    sampler = Sampler(EngineSpec(model_path=model_path, device="cpu", dtype="float32", lora_rank=8, max_num_seqs=16, max_loras=2))
     try:
         for name, learner in zip(("a", "b"), learners):
             stats = publish(learner, sampler.slot(name), 0, Probe(probe_ids(sampler.tokenizer), noise=2e-3))
@@ -191,7 +211,7 @@ def test_two_adapters_and_the_base_mixed_in_one_batch_each_get_their_own_logprob
                 if tenant is not None:  # the adapters matter, so the check above has teeth
                     base = _learner_logprobs(learners[2], prompt.prompt_ids, sample.completion_ids, 0.7)
                     assert (base - want).abs().max() > 0.02
-        assert grade(prompts[0], samples[0], sampler.slot("a").version).policy_version == 0
+        assert reward_group(prompts[0], samples[0], sampler.slot("a").version).policy_version == 0
     finally:
         sampler.close()
         gc.collect()
@@ -221,7 +241,6 @@ def _steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
 def test_two_runs_on_one_engine_end_to_end_then_resume_in_lockstep(tmp_path, monkeypatch):
     fixed = "\n".join(f"  {k}: {v}" for k, v in {**TINY, "max_steps": 2}.items())
     path = _write(tmp_path, f"out: {tmp_path / 'out'}\nfixed:\n{fixed}\nruns:\n  - {{rank: 1, lr: 1.0e-3}}\n  - {{rank: 8, lr: 3.0e-4, seed: 1}}\n")
@@ -256,6 +275,6 @@ def test_two_runs_on_one_engine_end_to_end_then_resume_in_lockstep(tmp_path, mon
     # the file again, unchanged since: every run is already at its max_steps (3 in its config.json)
     with pytest.raises(ConfigError, match="max_steps"):
         run_multi(path, progress=False)
-    from rlora.analyze import analyze
+    from rlora.experiments.analyze import analyze
 
     assert analyze(tmp_path / "out").runs == 2  # a multi-run directory reads like a sweep

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rlora.config import ConfigError, RLConfig, load_config
-from rlora.placement import Placement, cpu_threads_bind, plan_placement
-from rlora.sampler import EngineSpec, Sampler, placement_kwargs
+from rlora.engine.sampler import EngineSpec, Sampler, placement_kwargs
+from rlora.train.placement import Placement, cpu_threads_bind, plan_placement
 
 TWO_CORES = (0, 1)
 
@@ -79,17 +79,18 @@ def test_config_keys():
 
 
 def test_bad_choices_fail_before_any_model_or_engine(tmp_path):
-    from rlora.rl import run_rl
+    from rlora.rl.loop import run_rl
 
-    for override, match in (("learner_parallel=zero3", "'learner_parallel' must be one of"), ("placement=sleep", "sleep needs CUDA")):
-        cfg = load_config(RLConfig, None, [override, "device=cpu", "model=/nonexistent", f"run_dir={tmp_path / override}"])
-        with pytest.raises(ConfigError, match=match):
-            run_rl(cfg, progress=False)
+    with pytest.raises(ConfigError, match=r"'learner_parallel' must be one of \['ddp', 'fsdp'\], got 'zero3'"):
+        load_config(RLConfig, None, ["learner_parallel=zero3"])  # an invalid choice fails when the config loads
+    cfg = load_config(RLConfig, None, ["placement=sleep", "device=cpu", "model=/nonexistent", f"run_dir={tmp_path / 'sleep'}"])
+    with pytest.raises(ConfigError, match="sleep needs CUDA"):
+        run_rl(cfg, progress=False)  # a placement the machine cannot hold fails before any model or engine
 
 
 def test_engine_arguments_follow_the_placement():
-    assert placement_kwargs(EngineSpec("m")) == {"tensor_parallel_size": 1}
-    spec = EngineSpec("m", "cuda", device_ids=(2, 3), tensor_parallel_size=2, sleep_mode=True)
+    assert placement_kwargs(EngineSpec(model_path="m")) == {"tensor_parallel_size": 1}
+    spec = EngineSpec(model_path="m", device="cuda", device_ids=(2, 3), tensor_parallel_size=2, sleep_mode=True)
     assert placement_kwargs(spec) == {"tensor_parallel_size": 2, "device_ids": [2, 3], "enable_sleep_mode": True}
 
 
@@ -106,7 +107,7 @@ def test_asleep_is_a_no_op_without_sleep_mode():
 
     for sleep_mode, expected in ((False, []), (True, ["sleep1", "wake"])):
         sampler = Sampler.__new__(Sampler)  # no engine start
-        sampler.spec, sampler.llm = EngineSpec("m", sleep_mode=sleep_mode), Engine()
+        sampler.spec, sampler.llm = EngineSpec(model_path="m", sleep_mode=sleep_mode), Engine()
         calls.clear()
         with sampler.asleep():
             assert calls == expected[:1]
@@ -122,14 +123,24 @@ def tiny_model_with_tokenizer(tmp_path_factory) -> str:
     with the default model's tokenizer."""
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-    from rlora.models import resolve_model
+    from rlora.train.models import resolve_model
 
     source = Path(resolve_model("default"))
     base = AutoConfig.from_pretrained(source)
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                      head_dim=64, vocab_size=base.vocab_size, max_position_embeddings=1024, tie_word_embeddings=True,
-                      bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=base.vocab_size,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=base.bos_token_id,
+        eos_token_id=base.eos_token_id,
+    )
     path = tmp_path_factory.mktemp("tiny_tok")
     LlamaForCausalLM(cfg).save_pretrained(path)
     for f in source.iterdir():
@@ -140,15 +151,26 @@ def tiny_model_with_tokenizer(tmp_path_factory) -> str:
 
 @pytest.mark.slow
 def test_tensor_parallel_engine_on_cpu_with_file_handoff(tiny_model_with_tokenizer):
-    from rlora.learner import Learner, LearnerSpec
-    from rlora.rl import probe_ids
+    from rlora.rl.handoff import probe_ids
+    from rlora.train.learner import Learner, LearnerSpec
 
     path = tiny_model_with_tokenizer
     place = plan_placement("colocate", 2, 1, 0, 1, "cpu", 0, cpu_cores=TWO_CORES)
-    sampler = Sampler(EngineSpec(path, "cpu", "float32", lora_rank=None, max_num_seqs=8, max_model_len=256, tensor_parallel_size=2,
-                                 in_process=place.engine_in_process, cpu_threads_bind=place.cpu_threads_bind))
+    sampler = Sampler(
+        EngineSpec(
+            model_path=path,
+            device="cpu",
+            dtype="float32",
+            lora_rank=None,
+            max_num_seqs=8,
+            max_model_len=256,
+            tensor_parallel_size=2,
+            in_process=place.engine_in_process,
+            cpu_threads_bind=place.cpu_threads_bind,
+        )
+    )
     try:
-        learner = Learner(LearnerSpec(path, None, lr=1e-5, dtype="float32"))
+        learner = Learner(LearnerSpec(model_path=path, lora=None, lr=1e-5, dtype="float32"))
         ids = probe_ids(sampler.tokenizer)
         gap = lambda: float(np.abs(np.array(sampler.prompt_logprobs(ids)) - np.array(learner.sequence_logprobs(ids))).mean())  # noqa: E731
         assert gap() < 1e-4
@@ -165,15 +187,15 @@ def test_tensor_parallel_engine_on_cpu_with_file_handoff(tiny_model_with_tokeniz
 
 
 def _prompt(ids: list[int]):
-    from rlora.types import Prompt
+    from rlora.rl.types import Prompt
 
-    return Prompt("p", "q", tuple(ids), "1", "number")
+    return Prompt(problem_id="p", question="q", prompt_ids=tuple(ids), reference="1", reward_task="number")
 
 
 def test_handoff_drops_only_vllm_cast_notes_and_only_during_the_call():
     import logging
 
-    from rlora.sampler import expected_casts_unlogged
+    from rlora.engine.sampler import expected_casts_unlogged
 
     logger = logging.getLogger("vllm.model_executor.models.utils")
     seen: list[str] = []

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlora.advantages import ADVANTAGES, center, center_std
-from rlora.batching import build_batch
 from rlora.config import ConfigError, RLConfig, from_dict, load_config, parse_overrides
 from rlora.data import DataError, arith_problems, batch_for_step, boxed_answer, gsm8k_answer, load_benchmark, read_jsonl
-from rlora.losses import LOSSES, importance_sampling, ratio_stats, reinforce, truncated_importance_sampling
+from rlora.rl.advantages import ADVANTAGES, center, center_std
+from rlora.rl.batching import build_batch
+from rlora.rl.losses import LOSSES, importance_sampling, ratio_stats, reinforce, truncated_importance_sampling
+from rlora.rl.types import Group, Prompt, Rollout
 from rlora.runs import RunDir
-from rlora.types import Group, Prompt, Rollout
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_DATA = REPO / "tests" / "data"  # a few dozen rows of each benchmark, committed
 
 
 # ----------------------------------------------------------------------------- losses
@@ -83,12 +83,19 @@ def test_centering():
 
 
 def _group(prompt_ids, completions, rewards, lps=None):
-    prompt = Prompt("p", "q", tuple(prompt_ids), "1", "number")
+    prompt = Prompt(problem_id="p", question="q", prompt_ids=tuple(prompt_ids), reference="1", reward_task="number")
     rollouts = tuple(
-        Rollout(tuple(prompt_ids), tuple(c), tuple(lps[i] if lps else [-0.5] * len(c)), r, "")
+        Rollout(
+            prompt_ids=tuple(prompt_ids),
+            completion_ids=tuple(c),
+            sampler_logprobs=tuple(lps[i] if lps else [-0.5] * len(c)),
+            reward=r,
+            text="",
+            finish_reason="stop",
+        )
         for i, (c, r) in enumerate(zip(completions, rewards))
     )
-    return Group(prompt, rollouts, 0)
+    return Group(prompt=prompt, rollouts=rollouts, policy_version=0)
 
 
 def test_batch_alignment_masks_prompt_and_shifts_targets():
@@ -193,12 +200,11 @@ def test_step_batches_are_deterministic_and_cover_epochs():
     assert sorted(epoch) == sorted(p.problem_id for p in problems)  # each problem once per epoch
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
-@pytest.mark.parametrize("name,count,task", [("math500", 500, "math"), ("aime24", 30, "aime"), ("aime25", 30, "aime"), ("gsm8k", 1319, "gsm8k")])
+@pytest.mark.parametrize("name,count,task", [("math500", 40, "math"), ("aime24", 30, "aime"), ("aime25", 30, "aime"), ("gsm8k", 40, "gsm8k")])
 def test_benchmarks_load_from_local_dir(name, count, task):
-    problems = load_benchmark(name, str(SHARED_DATA))
-    assert len(problems) == count and all(p.task == task and p.reference for p in problems)
-    assert len(load_benchmark(name, str(SHARED_DATA), limit=5)) == 5
+    problems = load_benchmark(name, str(TEST_DATA))
+    assert len(problems) == count and all(p.reward_task == task and p.reference for p in problems)
+    assert len(load_benchmark(name, str(TEST_DATA), limit=5)) == 5
 
 
 def test_unknown_benchmark_and_missing_file(tmp_path):

@@ -10,12 +10,20 @@ import re
 import pytest
 import torch
 
-from rlora import sft
 from rlora.config import ConfigError, from_dict, load_config
 from rlora.data import DataError
-from rlora.sft import (
-    SFTConfig, batch_indices, collate, is_held_out, load_chats, resume_sft, row_to_messages, run_sft,
-    synthetic_word_problems, tokenize_chat,
+from rlora.sft import loop as sft
+from rlora.sft.loop import (
+    SFTConfig,
+    batch_indices,
+    collate,
+    is_held_out,
+    load_chats,
+    resume_sft,
+    row_to_messages,
+    run_sft,
+    synthetic_word_problems,
+    tokenize_chat,
 )
 
 CHATML = (
@@ -52,8 +60,16 @@ def tiny_model(tmp_path_factory, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     path = tmp_path_factory.mktemp("tiny_sft")
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -61,8 +77,21 @@ def tiny_model(tmp_path_factory, tokenizer):
 
 
 def _cfg(model: str, tmp_path, **kw) -> SFTConfig:
-    base = dict(model=model, rank=4, lr=1e-2, batch_size=4, micro_batch=2, max_steps=6, eval_every=3, eval_examples=8,
-                synthetic_examples=300, max_seq_len=160, device="cpu", dtype="float32", run_dir=str(tmp_path / "run"))
+    base = dict(
+        model=model,
+        rank=4,
+        lr=1e-2,
+        batch_size=4,
+        micro_batch=2,
+        max_steps=6,
+        eval_every=3,
+        eval_examples=8,
+        synthetic_examples=300,
+        max_seq_len=160,
+        device="cpu",
+        dtype="float32",
+        run_dir=str(tmp_path / "run"),
+    )
     return SFTConfig(**{**base, **kw})
 
 
@@ -83,21 +112,28 @@ def test_synthetic_problems_are_deterministic_and_correct():
         assert int(steps[-1][3]) == answer
 
 
-@pytest.mark.parametrize("row, expected", [
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, [("user", "hi"), ("assistant", "yo")]),
-    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, [("user", "q"), ("assistant", "a")]),
-    ({"question": "2+2?", "answer": "2+2=4\n#### 4"}, [("user", "2+2?"), ("assistant", "2+2=4\n#### 4")]),
-    ({"prompt": "p", "completion": "c"}, [("user", "p"), ("assistant", "c")]),
-], ids=["tulu-messages", "sharegpt-openthoughts", "gsm8k", "prompt-completion"])
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, [("user", "hi"), ("assistant", "yo")]),
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, [("user", "q"), ("assistant", "a")]),
+        ({"question": "2+2?", "answer": "2+2=4\n#### 4"}, [("user", "2+2?"), ("assistant", "2+2=4\n#### 4")]),
+        ({"prompt": "p", "completion": "c"}, [("user", "p"), ("assistant", "c")]),
+    ],
+    ids=["tulu-messages", "sharegpt-openthoughts", "gsm8k", "prompt-completion"],
+)
 def test_row_formats(row, expected):
     assert [(m["role"], m["content"]) for m in row_to_messages(row, "x")] == expected
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"text": "no chat"}, "none of the fields"),
-    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
-    ({"conversations": [{"from": "robot", "value": "?"}]}, "malformed 'conversations'"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"text": "no chat"}, "none of the fields"),
+        ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
+        ({"conversations": [{"from": "robot", "value": "?"}]}, "malformed 'conversations'"),
+    ],
+)
 def test_bad_rows_name_the_problem(row, message):
     with pytest.raises(DataError, match=message):
         row_to_messages(row, "file.jsonl row 7")
@@ -127,8 +163,10 @@ def _masked_text(tokenizer, example) -> str:
 
 def test_mask_covers_assistant_turns_only(tokenizer):
     chat = [
-        {"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
-        {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "It is 8."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": "It is 8."},
     ]
     example = tokenize_chat(chat, tokenizer, 1000)
     full = tokenizer.apply_chat_template(chat, tokenize=False)

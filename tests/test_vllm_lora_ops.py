@@ -1,4 +1,4 @@
-"""rlora.vllm_lora_ops and rlora.vllm_plugin: grouped LoRA ops for vLLM's CPU backend.
+"""rlora.engine.vllm_lora_ops and rlora.engine.vllm_plugin: grouped LoRA ops for vLLM's CPU backend.
 
 Fast tests drive the punica wrapper directly (no engine): random weights in several slots, token
 mappings with runs, interleaving and -1 (no LoRA), prefill and decode metadata; every overridden
@@ -25,7 +25,7 @@ from vllm import LLM  # noqa: E402
 from vllm.lora.layers import LoRAMapping  # noqa: E402
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 
-from rlora.vllm_lora_ops import GroupedPunicaWrapperCPU, RowGroup, group_rows  # noqa: E402
+from rlora.engine.vllm_lora_ops import GroupedPunicaWrapperCPU, RowGroup, group_rows  # noqa: E402
 
 SLOTS = 3  # adapter slots in the stacked weights
 IN, RANK, VOCAB = 24, 4, 40
@@ -53,9 +53,7 @@ def slots_of(lora_ids: list[int], slot_ids: list[int | None]) -> list[int]:
     return [slot_ids.index(i) if i > 0 else -1 for i in lora_ids]
 
 
-def random_stacked(
-    *shape: int, dtype: torch.dtype, empty_slots: tuple[int, ...] = ()
-) -> torch.Tensor:
+def random_stacked(*shape: int, dtype: torch.dtype, empty_slots: tuple[int, ...] = ()) -> torch.Tensor:
     """(SLOTS, 1, *shape) random weights, zero in `empty_slots`."""
     w = torch.randn(SLOTS, 1, *shape, dtype=torch.float64)
     for slot in empty_slots:
@@ -86,8 +84,8 @@ def ref_linear(
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
-    return {"atol": 1e-9, "rtol": 1e-9} if dtype == torch.float64 else (
-        {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.15, "rtol": 0.05}
+    return (
+        {"atol": 1e-9, "rtol": 1e-9} if dtype == torch.float64 else ({"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.15, "rtol": 0.05})
     )
 
 
@@ -127,9 +125,7 @@ def test_group_rows_slices_runs_and_gathers_interleaved_rows() -> None:
 @pytest.mark.parametrize("is_prefill", [True, False], ids=["prefill", "decode"])
 @pytest.mark.parametrize("mapping", MAPPINGS, ids=list(MAPPINGS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_add_lora_linear_matches_reference(
-    mapping: str, is_prefill: bool, dtype: torch.dtype
-) -> None:
+def test_add_lora_linear_matches_reference(mapping: str, is_prefill: bool, dtype: torch.dtype) -> None:
     ids_T = MAPPINGS[mapping]
     wrapper = make_wrapper(GroupedPunicaWrapperCPU, ids_T, ids_T, is_prefill, SLOT_IDS)
     n = len(ids_T)
@@ -147,9 +143,7 @@ def test_add_lora_linear_matches_reference(
 
 @pytest.mark.parametrize("is_prefill", [True, False], ids=["prefill", "decode"])
 @pytest.mark.parametrize("mapping", ["runs_with_base", "interleaved"])
-def test_add_lora_linear_matches_stock_when_last_slot_is_empty(
-    mapping: str, is_prefill: bool
-) -> None:
+def test_add_lora_linear_matches_stock_when_last_slot_is_empty(mapping: str, is_prefill: bool) -> None:
     """Stock is correct when slot -1 (= the last slot) holds zeros: then the two agree."""
     ids_T = [i if i != 3 else 0 for i in MAPPINGS[mapping]]  # id 3 lives in the last slot
     n = len(ids_T)
@@ -160,9 +154,7 @@ def test_add_lora_linear_matches_stock_when_last_slot_is_empty(
     outputs = []
     for cls in (GroupedPunicaWrapperCPU, PunicaWrapperCPU):
         y = y0.clone()
-        make_wrapper(cls, ids_T, ids_T, is_prefill, SLOT_IDS).add_lora_linear(
-            y, x, a, b, 1.0, SLICES
-        )
+        make_wrapper(cls, ids_T, ids_T, is_prefill, SLOT_IDS).add_lora_linear(y, x, a, b, 1.0, SLICES)
         outputs.append(y)
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
 
@@ -174,12 +166,8 @@ def test_stock_ops_give_unadapted_tokens_the_last_slots_adapter() -> None:
     a = (random_stacked(RANK, IN, dtype=torch.float32),)
     b = (random_stacked(8, RANK, dtype=torch.float32),)
     y_stock, y_ours = torch.zeros(4, 8), torch.zeros(4, 8)
-    make_wrapper(PunicaWrapperCPU, ids_T, ids_T, True, SLOT_IDS).add_lora_linear(
-        y_stock, x, a, b, 1.0, (8,)
-    )
-    make_wrapper(GroupedPunicaWrapperCPU, ids_T, ids_T, True, SLOT_IDS).add_lora_linear(
-        y_ours, x, a, b, 1.0, (8,)
-    )
+    make_wrapper(PunicaWrapperCPU, ids_T, ids_T, True, SLOT_IDS).add_lora_linear(y_stock, x, a, b, 1.0, (8,))
+    make_wrapper(GroupedPunicaWrapperCPU, ids_T, ids_T, True, SLOT_IDS).add_lora_linear(y_ours, x, a, b, 1.0, (8,))
     assert torch.equal(y_ours[2:], torch.zeros(2, 8))
     assert y_stock[2:].abs().min() > 0  # base tokens received slot 2's delta
     torch.testing.assert_close(y_ours[:2], y_stock[:2])
@@ -188,9 +176,7 @@ def test_stock_ops_give_unadapted_tokens_the_last_slots_adapter() -> None:
 @pytest.mark.parametrize("is_prefill", [True, False], ids=["prefill", "decode"])
 @pytest.mark.parametrize("mapping", MAPPINGS, ids=list(MAPPINGS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_add_shrink_and_add_expand_match_reference(
-    mapping: str, is_prefill: bool, dtype: torch.dtype
-) -> None:
+def test_add_shrink_and_add_expand_match_reference(mapping: str, is_prefill: bool, dtype: torch.dtype) -> None:
     """The row-parallel path: shrink into a float32 (slices, tokens, rank) buffer, then expand
     into y from `offset_start` (the six private shrink/expand methods underneath)."""
     ids_T = MAPPINGS[mapping]
@@ -274,9 +260,7 @@ def test_add_lora_logits_uses_sampler_indices(prompt_ids: list[int], with_buffer
         a_stock = a.clone()
         a_stock[2], b_stock[2] = 0, 0
         expected_stock = y0.clone()
-        make_wrapper(PunicaWrapperCPU, ids_T, prompt_ids, True, SLOT_IDS).add_lora_logits(
-            expected_stock, x, a_stock, b_stock, 0.5
-        )
+        make_wrapper(PunicaWrapperCPU, ids_T, prompt_ids, True, SLOT_IDS).add_lora_logits(expected_stock, x, a_stock, b_stock, 0.5)
         torch.testing.assert_close(y, expected_stock, atol=1e-5, rtol=1e-5)
 
 
@@ -338,10 +322,10 @@ def test_plugin_switches_cpu_wrapper_idempotently_and_obeys_env(
     from vllm.lora.punica_wrapper.punica_selector import get_punica_wrapper
     from vllm.platforms import current_platform
 
-    from rlora.vllm_plugin import register
+    from rlora.engine.vllm_plugin import register
 
     names = {ep.value for ep in importlib.metadata.entry_points(group="vllm.general_plugins")}
-    assert "rlora.vllm_plugin:register" in names, "pip install -e . to declare the plugin"
+    assert "rlora.engine.vllm_plugin:register" in names, "pip install -e . to declare the plugin"
     assert current_platform.is_cpu()
     register()
     register()  # idempotent
@@ -405,7 +389,7 @@ def engine_and_adapter(
     """An in-process float32 engine with ONE adapter slot: the case the stock ops got wrong."""
     from vllm import LLM
 
-    from rlora.models import resolve_model
+    from rlora.train.models import resolve_model
 
     model_path = resolve_model("default")
     adapter_dir = tmp_path_factory.mktemp("adapter")
@@ -432,7 +416,6 @@ def engine_and_adapter(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
 def test_engine_lora_logprobs_match_peft_and_mixed_batches_are_separated(
     engine_and_adapter: tuple[LLM, str, str],
 ) -> None:
@@ -469,9 +452,7 @@ def test_engine_lora_logprobs_match_peft_and_mixed_batches_are_separated(
     separate = [next(with_lora) if u else next(without) for u in USES_LORA]
     for m, s in zip(mixed, separate):
         assert m.token_ids == s.token_ids, "a mixed batch changed a request's greedy tokens"
-        torch.testing.assert_close(
-            torch.tensor(m.logprobs), torch.tensor(s.logprobs), atol=1e-4, rtol=0
-        )
+        torch.testing.assert_close(torch.tensor(m.logprobs), torch.tensor(s.logprobs), atol=1e-4, rtol=0)
 
     base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -517,11 +498,10 @@ CHILD_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
 def test_plugin_active_in_separate_engine_process(tmp_path: Path) -> None:
     """Default multiprocess engine: the engine core process loads the plugin itself; a base
     request batched with a LoRA request keeps the base model's logprobs."""
-    from rlora.models import resolve_model
+    from rlora.train.models import resolve_model
 
     model_path = resolve_model("default")
     save_random_adapter(model_path, tmp_path / "adapter", rank=8)
@@ -534,7 +514,7 @@ def test_plugin_active_in_separate_engine_process(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         env=env,
-        timeout=170,
+        timeout=1800,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]

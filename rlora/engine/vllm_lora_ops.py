@@ -45,13 +45,13 @@ the CPU wrapper does not implement). vLLM V1 marks every step as "prefill"
 (`lora_model_runner_mixin._set_active_loras`), so the decode variants only matter to callers
 that build a decode mapping themselves.
 
-`rlora.vllm_plugin.register` makes vLLM's CPU platform build this wrapper.
+`rlora.engine.vllm_plugin.register` makes vLLM's CPU platform build this wrapper.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
@@ -70,7 +70,7 @@ __all__ = [
     "prepare_slot_weights",
 ]
 
-Rows = slice | torch.Tensor
+Rows: TypeAlias = "slice | torch.Tensor"
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,7 @@ def _store(y: torch.Tensor, rows: Rows, cols: slice, value: torch.Tensor, add: b
         target.index_add_(0, rows, value) if add else target.index_copy_(0, rows, value)
 
 
-def _store_product(
-    y: torch.Tensor, rows: Rows, cols: slice, h: torch.Tensor, b: torch.Tensor, add: bool
-) -> None:
+def _store_product(y: torch.Tensor, rows: Rows, cols: slice, h: torch.Tensor, b: torch.Tensor, add: bool) -> None:
     """y[rows, cols] (+)= h @ b.T, in place; h and b have y's dtype.
 
     For contiguous rows the product is accumulated straight into y's view (`addmm_`), which
@@ -258,11 +256,7 @@ class SlotWeightCache:
         key = (id(lora_a_stacked[0]), slot, widths)
         versions = tuple(t._version for t in tensors)
         entry = self._entries.get(key)
-        if (
-            entry is not None
-            and entry[1] == versions
-            and all(cached is t for cached, t in zip(entry[0], tensors))
-        ):
+        if entry is not None and entry[1] == versions and all(cached is t for cached, t in zip(entry[0], tensors)):
             return entry[2]
         weights = prepare_slot_weights(lora_a_stacked, lora_b_stacked, widths, slot)
         self._entries[key] = (tensors, versions, weights)
@@ -301,24 +295,16 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     # The six stock shrink/expand entry points (used by `add_shrink`, `add_expand`) all reduce
     # to the two grouped ops; they neither trim nor skip, to keep their buffer semantics exact.
 
-    def _shrink_prefill(
-        self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, scale: float
-    ) -> None:
+    def _shrink_prefill(self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, scale: float) -> None:
         grouped_shrink(y, x, w_t_all, scale, self._token_groups)
 
-    def _shrink_decode(
-        self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, scale: float
-    ) -> None:
+    def _shrink_decode(self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, scale: float) -> None:
         grouped_shrink(y, x, w_t_all, scale, self._token_groups)
 
-    def _expand_prefill(
-        self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, add_inputs: bool
-    ) -> None:
+    def _expand_prefill(self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, add_inputs: bool) -> None:
         grouped_expand(y, x, w_t_all, 0, y.shape[1], add_inputs, self._token_groups)
 
-    def _expand_decode(
-        self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, add_inputs: bool
-    ) -> None:
+    def _expand_decode(self, y: torch.Tensor, x: torch.Tensor, w_t_all: torch.Tensor, add_inputs: bool) -> None:
         grouped_expand(y, x, w_t_all, 0, y.shape[1], add_inputs, self._token_groups)
 
     def _expand_slice_prefill(
@@ -418,9 +404,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             grouped_expand(y_N, buffer, lora_b_stacked, 0, y_N.shape[1], True, self._sampler_groups)
             return
         for group in self._sampler_groups:
-            weights = self._weights.get(
-                (lora_a_stacked,), (lora_b_stacked,), (y_N.shape[1],), group.slot
-            )
+            weights = self._weights.get((lora_a_stacked,), (lora_b_stacked,), (y_N.shape[1],), group.slot)
             if weights.a is None:
                 continue
             h = _take(x_N, group.rows) @ weights.a.to(x.dtype).T

@@ -4,7 +4,7 @@
 
 with M_LoRA = 9.8 for LoRA and 1 for FullFT, and LoRA_pow = 0, both as stated in the blog: the
 best LoRA learning rate is about ten times FullFT's, independently of the rank (the 1/r in
-alpha / r makes the early update rank-independent, see `rlora.lora`).
+alpha / r makes the early update rank-independent, see `rlora.train.lora`).
 
 Where the other constants come from. The blog writes the rule without its base rate and gives
 no table of `model_pow`. The values here are those of `get_lr` in tinker-cookbook's

@@ -9,11 +9,18 @@ replayed or inspected stage by stage in a REPL.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-@dataclass(frozen=True)
+# Any Hugging Face tokenizer (the sampler's, or AutoTokenizer's): chat template, encode, decode.
+Tokenizer: TypeAlias = "PreTrainedTokenizerBase"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Prompt:
     """One problem as the policy sees it."""
 
@@ -21,10 +28,10 @@ class Prompt:
     question: str  # the user message before the chat template
     prompt_ids: tuple[int, ...]  # chat-templated token ids fed to the sampler and the learner
     reference: str  # gold answer, graded by `rewards.grade(..., task)`
-    task: str  # rewards task name: "math", "gsm8k", "aime", "number"
+    reward_task: str  # the rewards task that grades it: "math", "gsm8k", "aime", "number"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sample:
     """One completion as the sampler produced it."""
 
@@ -34,7 +41,7 @@ class Sample:
     finish_reason: str  # "stop" (EOS/stop string) or "length"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Rollout:
     """A graded completion: everything the loss needs for one sequence."""
 
@@ -43,9 +50,10 @@ class Rollout:
     sampler_logprobs: tuple[float, ...]  # len == len(completion_ids)
     reward: float
     text: str
+    finish_reason: str  # the sample's: "stop" (EOS/stop string) or "length" (cut at max_tokens)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Group:
     """The G rollouts of one prompt, sampled from one policy version."""
 
@@ -58,13 +66,18 @@ class Group:
         return [r.reward for r in self.rollouts]
 
     @property
+    def cut_at_max_tokens(self) -> int:
+        """How many of the G completions the sampler cut at max_tokens."""
+        return sum(r.finish_reason == "length" for r in self.rollouts)
+
+    @property
     def has_signal(self) -> bool:
         """False when every reward is equal: centred advantages are all zero, no gradient."""
         rewards_G = self.rewards_G
         return max(rewards_G) != min(rewards_G)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainBatch:
     """Right-padded token rows for the learner; the loss reads only completion positions.
 

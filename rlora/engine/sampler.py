@@ -22,13 +22,13 @@ Design:
   adapter more than it has tenants (`max_cpu_loras = max_loras + 1`): a new version is added
   before the old one is removed, and a full cache would evict its least recently used adapter,
   which may be another tenant's live one. Mixed batches are only correct with rlora's CPU LoRA
-  ops (`rlora.vllm_lora_ops`; stock vLLM applies the last slot's adapter to base requests).
-  `slot(tenant)` gives one tenant the single-run handoff API, which is what `rlora.rl.publish`
+  ops (`rlora.engine.vllm_lora_ops`; stock vLLM applies the last slot's adapter to base requests).
+  `slot(tenant)` gives one tenant the single-run handoff API, which is what `rlora.rl.loop.publish`
   calls. A single run is the tenant `DEFAULT_TENANT`, and the API without tenants is unchanged.
 - FullFT handoff: the engine repacks linear weights at load, so copying into its parameters does
   nothing; `reload_weights` runs vLLM's own loader on the new tensors, then the prefix cache is
   reset.
-- Placement (`rlora.placement` decides, EngineSpec carries it): `device_ids` picks the engine's
+- Placement (`rlora.train.placement` decides, EngineSpec carries it): `device_ids` picks the engine's
   GPUs, `tensor_parallel_size` shards it; with several learner processes or tensor parallelism
   the engine core runs in its own spawned process (`in_process=False`), and FullFT weights then
   cross as a safetensors file (`reload_weights(weights_path=...)`). `asleep()` puts a
@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rlora.types import Prompt, Sample
+from rlora.rl.types import Prompt, Sample
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -70,14 +70,6 @@ def fit_max_lora_rank(rank: int) -> int:
     raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device")
-    return device
-
-
 def handoff_root() -> Path:
     """Adapters travel through RAM-backed /dev/shm where there is one."""
     shm = Path("/dev/shm")
@@ -90,6 +82,15 @@ def save_safetensors(weights: Iterable[tuple[str, torch.Tensor]], path: Path, dt
     from safetensors.torch import save_file
 
     save_file({name: t.detach().to("cpu", dtype).contiguous() for name, t in weights}, str(path))
+
+
+def quiet_vllm() -> None:
+    """vLLM logs at WARNING unless the user chose a level (`VLLM_LOGGING_LEVEL`), before vLLM is imported.
+
+    At INFO a CPU run prints hundreds of lines (per-kernel registrations, engine arguments, cache
+    sizes) that bury the progress bar and real problems. Engine processes inherit the variable.
+    """
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 class _DropCastNotes(logging.Filter):
@@ -149,7 +150,7 @@ def placement_kwargs(spec: EngineSpec) -> dict[str, object]:
     return kwargs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineSpec:
     model_path: str
     device: str = "cpu"  # cpu | cuda (which GPUs: device_ids below)
@@ -161,7 +162,7 @@ class EngineSpec:
     max_num_seqs: int = 256
     seed: int = 0
     max_loras: int = 1  # adapters one batch may mix: the number of tenants
-    # where the engine runs (chosen by rlora.placement)
+    # where the engine runs (chosen by rlora.train.placement)
     device_ids: tuple[int, ...] = ()  # CUDA: the engine's GPUs (vLLM `device_ids`); () = the first visible ones
     tensor_parallel_size: int = 1
     in_process: bool = True  # False: vLLM's engine core runs in its own (spawned) process
@@ -181,6 +182,7 @@ class Sampler:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(spec.kv_cache_gib)))
             if spec.cpu_threads_bind:  # vLLM's automatic binding wants one NUMA node per CPU worker
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", spec.cpu_threads_bind)
+        quiet_vllm()
         from vllm import LLM
 
         kwargs: dict[str, object] = dict(
@@ -201,9 +203,7 @@ class Sampler:
         else:
             kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization)
         if spec.lora_rank is not None:
-            kwargs.update(
-                enable_lora=True, max_lora_rank=fit_max_lora_rank(spec.lora_rank), max_loras=spec.max_loras, max_cpu_loras=spec.max_loras + 1
-            )
+            kwargs.update(enable_lora=True, max_lora_rank=fit_max_lora_rank(spec.lora_rank), max_loras=spec.max_loras, max_cpu_loras=spec.max_loras + 1)
         kwargs.update(placement_kwargs(spec))
         start = time.perf_counter()
         self.llm = LLM(**kwargs)
@@ -260,7 +260,7 @@ class Sampler:
                 ids = tuple(c.token_ids)
                 assert c.logprobs is not None and len(c.logprobs) == len(ids), "vLLM returned no per-token logprobs"
                 lps = tuple(float(step[tok].logprob) for step, tok in zip(c.logprobs, ids))
-                samples.append(Sample(ids, lps, c.text, str(c.finish_reason)))
+                samples.append(Sample(completion_ids=ids, sampler_logprobs=lps, text=c.text, finish_reason=str(c.finish_reason)))
             groups.append(samples)
         return groups
 
@@ -280,7 +280,7 @@ class Sampler:
 
     # ---------------------------------------------------------------- handoff
 
-    def load_adapter(self, write_adapter: Callable[[Path], None], version: int, tenant: str = DEFAULT_TENANT) -> None:
+    def load_adapter(self, write_adapter: Callable[[Path], object], version: int, tenant: str = DEFAULT_TENANT) -> None:
         """Serve a tenant's new LoRA version: written to a fresh directory, new name, new id, old one removed."""
         from vllm.lora.request import LoRARequest
 
@@ -346,7 +346,7 @@ class Sampler:
 
 @dataclass(frozen=True)
 class AdapterSlot:
-    """One tenant of a shared engine, seen through a single-run Sampler's handoff API (`rlora.rl.publish`)."""
+    """One tenant of a shared engine, seen through a single-run Sampler's handoff API (`rlora.rl.loop.publish`)."""
 
     sampler: Sampler
     tenant: str
@@ -355,7 +355,7 @@ class AdapterSlot:
     def version(self) -> int:
         return self.sampler.versions.get(self.tenant, -1)
 
-    def load_adapter(self, write_adapter: Callable[[Path], None], version: int) -> None:
+    def load_adapter(self, write_adapter: Callable[[Path], object], version: int) -> None:
         self.sampler.load_adapter(write_adapter, version, self.tenant)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
@@ -363,4 +363,3 @@ class AdapterSlot:
 
     def prompt_logprobs(self, token_ids: Sequence[int]) -> list[float]:
         return self.sampler.prompt_logprobs(token_ids, self.tenant)
-

@@ -11,7 +11,7 @@ makes a rank-1 learner several times lighter than FullFT.
 Memory: rows are processed in micro-batches and the vocabulary projection runs only at
 completion positions, so the (tokens x 49k) logits are never built for prompt tokens.
 
-A step is `backward` (gradients from zero) then `optimizer_step` (clip, AdamW); `rlora.distributed`
+A step is `backward` (gradients from zero) then `optimizer_step` (clip, AdamW); `rlora.train.distributed`
 puts a cross-rank gradient sum between the two and merges the ranks' `BackwardPass`es with
 `step_stats`. A single process makes no distributed call.
 """
@@ -22,18 +22,19 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from rlora import lora
-from rlora.losses import LossFn, ratio_stats
-from rlora.types import TrainBatch
+from rlora.rl.losses import LossFn, ratio_stats
+from rlora.rl.types import TrainBatch
+from rlora.train import lora
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LearnerSpec:
     model_path: str
     lora: lora.LoRASpec | None  # None: full fine-tuning
@@ -95,9 +96,26 @@ def step_stats(passes: list[BackwardPass], grad_norm: float, cap: float) -> dict
     return {"loss": sum(p.loss for p in passes), "grad_norm": grad_norm, "entropy": entropy, **ratio_stats(learner_lp_N, sampler_lp_N, cap)}
 
 
+class LearnerHandle(Protocol):
+    """What the RL loop, the handoff and checkpoints use of a learner: a `Learner` in one process,
+    or rank 0's `rlora.train.distributed.LeaderLearner`, which announces each collective call."""
+
+    spec: LearnerSpec
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> dict[str, float]: ...
+
+    def sequence_logprobs(self, token_ids: list[int]) -> list[float]: ...
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+    def write_adapter(self, path: Path) -> None: ...
+
+    def state(self) -> dict[str, object]: ...
+
+
 class Learner:
     def __init__(self, spec: LearnerSpec, model: nn.Module | None = None) -> None:
-        """`model`: the policy as `load_policy(spec)` would build it, when the caller built it (rlora.multi shares a base)."""
+        """`model`: the policy as `load_policy(spec)` would build it, when the caller built it (rlora.rl.multi shares a base)."""
         self.spec = spec
         self.model = load_policy(spec) if model is None else model
         self.optimizer = make_optimizer(self.model, spec)
@@ -149,7 +167,7 @@ class Learner:
         return step_stats([seen], grad_norm, cap)
 
     def backward(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> BackwardPass:
-        """Gradients of the batch's loss from zero, in micro-batches (`rlora.distributed` passes one rank's rows).
+        """Gradients of the batch's loss from zero, in micro-batches (`rlora.train.distributed` passes one rank's rows).
 
         `norm` is the step's N over the whole batch, so the gradients of disjoint row sets add up
         to the gradient of their union.
@@ -163,9 +181,7 @@ class Learner:
             rows = slice(start, start + self.spec.micro_batch)
             T = int(batch.lengths_B[rows].max())  # crop padding to this micro-batch's longest row
             mask_b_T = batch.mask_B_T[rows, :T]
-            lp_N, entropy_N = self.token_logprobs(
-                batch.tokens_B_T[rows, :T], batch.targets_B_T[rows, :T], mask_b_T, batch.lengths_B[rows], temperature
-            )
+            lp_N, entropy_N = self.token_logprobs(batch.tokens_B_T[rows, :T], batch.targets_B_T[rows, :T], mask_b_T, batch.lengths_B[rows], temperature)
             on = mask_b_T.bool()
             slp_N = batch.sampler_logprobs_B_T[rows, :T][on].to(lp_N.device)
             adv_N = batch.advantages_B[rows, None].expand_as(mask_b_T)[on].to(lp_N.device)
@@ -219,4 +235,4 @@ class Learner:
                 if name not in params or params[name].shape != value.shape:
                     raise ValueError(f"checkpoint parameter {name!r} does not fit this model")
                 params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.optimizer.load_state_dict(state["optimizer"])

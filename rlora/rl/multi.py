@@ -2,23 +2,23 @@
 
 `rlora rl-multi --config FILE` trains K LoRA runs that differ in rank, alpha, learning rate,
 seed (anything but the keys in `SHARED_KEYS`) side by side. Each step:
-  1. problems   each run's P problems (its own seed), exactly as `rlora.rl` picks them
+  1. problems   each run's P problems (its own seed), exactly as `rlora.rl.loop` picks them
   2. sample     ONE `generate` call with every run's prompts, each request tagged with its run's
                 live adapter (the engine holds K adapters: `max_loras=K`)
-  3-6.          per run, `rlora.rl`'s own stages: grade, learn (its own learner and optimizer),
+  3-6.          per run, `rlora.rl.loop`'s own stages: grade, learn (its own learner and optimizer),
   7. hand off   and `publish`, which proves with the run's own probe that the engine now serves
                 that run's new adapter
 then every run logs its row and checkpoints, each in its own run directory, in the single-run
-format (`config.json`, `metrics.jsonl` with the keys of `rlora.rl`, `checkpoints/`).
+format (`config.json`, `metrics.jsonl` with the keys of `rlora.rl.loop`, `checkpoints/`).
 
 Same results as alone. The learners share one frozen base: each run's model is a copy of the
 module tree whose base tensors ARE the first model's (no second copy in memory), with the run's
-own adapter applied exactly as `rlora.learner.load_policy` applies it, so run k takes exactly the
+own adapter applied exactly as `rlora.train.learner.load_policy` applies it, so run k takes exactly the
 update a single-run `Learner` with its seed would take on the same batch (tests/test_multi.py
 checks this bit for bit). Sampling differs from a lone run only by noise: the runs share the
 engine's seed (the first run's seed + the first step, like a single run), and a request's tokens
 depend on what else is in the batch only through floating-point order. Mixed batches of several
-adapters are correct only with rlora's CPU LoRA ops (`rlora.vllm_lora_ops`); see the Sampler.
+adapters are correct only with rlora's CPU LoRA ops (`rlora.engine.vllm_lora_ops`); see the Sampler.
 
 File format (YAML, like a sweep file, `kind` implied):
 
@@ -28,9 +28,9 @@ File format (YAML, like a sweep file, `kind` implied):
     runs:                                     # one mapping of overrides per run ...
       - {rank: 1, lr: 1.0e-3}
       - {rank: 8, lr: 3.0e-4, seed: 1}
-    # ... or grid: {rank: [1, 8], lr: [3.0e-4, 1.0e-3]}   (rlora.sweep's grid, a product)
+    # ... or grid: {rank: [1, 8], lr: [3.0e-4, 1.0e-3]}   (rlora.experiments.sweep's grid, a product)
 
-Runs are named and checked by `rlora.sweep` (`<out>/rank=8,lr=0.0003,seed=1/`); `sweep.json` in
+Runs are named and checked by `rlora.experiments.sweep` (`<out>/rank=8,lr=0.0003,seed=1/`); `sweep.json` in
 `out` lists them, so `rlora analyze OUT` reads a multi-run like a sweep. Every run must be LoRA,
 and the keys of `SHARED_KEYS` must agree across runs (one engine samples for all, one base model
 serves every learner): a difference is a ConfigError naming the key and the run. Periodic
@@ -62,29 +62,18 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from rlora import lora
 from rlora.config import ConfigError, RLConfig, parse_overrides
-from rlora.data import Problem, batch_for_step, load_task
-from rlora.learner import DTYPES, Learner, LearnerSpec, load_policy
-from rlora.models import resolve_model
-from rlora.rl import (
-    PROBE_NOISE,
-    Probe,
-    check_choices,
-    grade,
-    learn,
-    learner_spec,
-    make_prompt,
-    probe_ids,
-    publish,
-    restore,
-    save_if_due,
-    seed_everything,
-    step_metrics,
-)
+from rlora.data import Problem, batch_for_step, load_task, make_prompt
+from rlora.devices import resolve_device, resolve_precision
+from rlora.engine.sampler import EngineSpec, Sampler
+from rlora.experiments.sweep import SWEEP_FILE, Point, Sweep, check_same_config, parse_sweep, write_sweep_record
+from rlora.rl.handoff import PROBE_NOISE, Probe, probe_ids, publish
+from rlora.rl.steps import learn, reward_group, step_metrics
 from rlora.runs import RunDir, create_run, reopen_run
-from rlora.sampler import EngineSpec, Sampler, resolve_device
-from rlora.sweep import SWEEP_FILE, Point, Sweep, check_same_config, claim, mark_done, parse_sweep, run_status, write_sweep_record
+from rlora.train import lora
+from rlora.train.learner import DTYPES, Learner, LearnerSpec, load_policy
+from rlora.train.models import resolve_model
+from rlora.train.setup import learner_spec, restore, save_if_due, seed_everything
 
 MULTI_KEYS = ("base", "out", "fixed", "runs", "grid")
 # One engine samples for every run (model, precision, memory, and one SamplingParams for the
@@ -98,7 +87,7 @@ SHARED_KEYS = ("model", "dtype", "device", "kv_cache_gib", "gpu_memory_utilizati
 
 
 def runs_as_grid(runs: object, where: str) -> list[dict[str, list[object]]]:
-    """`runs: [{rank: 1}, ...]` as a list of one-point sweep grids, so rlora.sweep checks and names them."""
+    """`runs: [{rank: 1}, ...]` as a list of one-point sweep grids, so rlora.experiments.sweep checks and names them."""
     if not isinstance(runs, list) or not runs:
         raise ConfigError(f"'runs'{where} must be a non-empty list of mappings of config overrides, got {runs!r}")
     for i, run in enumerate(runs):
@@ -108,7 +97,7 @@ def runs_as_grid(runs: object, where: str) -> list[dict[str, list[object]]]:
 
 
 def check_runs(configs: Sequence[tuple[str, RLConfig]], where: str = "") -> None:
-    """Every run LoRA, without periodic eval, with valid choices; the shared keys equal across runs."""
+    """Every run LoRA, without periodic eval, in one process; the shared keys equal across runs."""
     for name, cfg in configs:
         if cfg.is_full:
             raise ConfigError(f"run {name!r}{where} has rank=full: rl-multi trains LoRA runs on one shared base; train FullFT with `rlora rl`")
@@ -117,7 +106,6 @@ def check_runs(configs: Sequence[tuple[str, RLConfig]], where: str = "") -> None
         for key, value in ONE_PROCESS.items():
             if getattr(cfg, key, value) != value:
                 raise ConfigError(f"run {name!r}{where} has {key}={getattr(cfg, key)!r}: rl-multi runs engine and learners in one process ({key}={value!r})")
-        check_choices(cfg)
     first_name, first = configs[0]
     for key in SHARED_KEYS:
         for name, cfg in configs[1:]:
@@ -180,7 +168,7 @@ def shared_base_learners(specs: Sequence[LearnerSpec]) -> list[Learner]:
 # ------------------------------------------------------------------------------------ the loop
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Tenant:
     """One run of a multi-run: what it learns with, where it writes, and the step it resumes at."""
 
@@ -203,18 +191,17 @@ def multi_step(sampler: Sampler, tenants: Sequence[Tenant], step: int) -> list[d
     handoff keys are the run's own.
     """
     t0 = time.perf_counter()
-    prompts_K_P = [
-        [make_prompt(p, sampler.tokenizer) for p in batch_for_step(t.problems, step, t.cfg.prompts_per_step, t.cfg.seed)] for t in tenants
-    ]
+    prompts_K_P = [[make_prompt(p, sampler.tokenizer) for p in batch_for_step(t.problems, step, t.cfg.prompts_per_step, t.cfg.seed)] for t in tenants]
     shared = tenants[0].cfg  # group_size, max_tokens, temperature are SHARED_KEYS
     slots = [t.slot for t, prompts_P in zip(tenants, prompts_K_P) for _ in prompts_P]
     samples_N_G = sampler.sample([p for prompts_P in prompts_K_P for p in prompts_P], shared.group_size, shared.max_tokens, shared.temperature, slots)
     sample_s = time.perf_counter() - t0
-    rows, offsets = [], itertools.accumulate((len(p) for p in prompts_K_P), initial=0)
+    rows: list[dict[str, object]] = []
+    offsets = itertools.accumulate((len(p) for p in prompts_K_P), initial=0)
     for tenant, prompts_P, start in zip(tenants, prompts_K_P, offsets):
         slot = sampler.slot(tenant.slot)
         t1 = time.perf_counter()
-        groups_P = [grade(p, s, slot.version) for p, s in zip(prompts_P, samples_N_G[start : start + len(prompts_P)])]
+        groups_P = [reward_group(p, s, slot.version, tenant.cfg.reward_policy) for p, s in zip(prompts_P, samples_N_G[start : start + len(prompts_P)])]
         t2 = time.perf_counter()
         assert all(g.policy_version == step for g in groups_P), f"run {tenant.run.path}: rollouts must come from its current policy"
         stats, train_tokens = learn(tenant.learner, groups_P, tenant.cfg, sampler.tokenizer.pad_token_id or 0)
@@ -230,29 +217,45 @@ def train_multi(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool = True) 
     check_runs([(str(run.path), cfg) for cfg, run in runs])
     with ExitStack() as stack:
         for _, run in runs:  # a second rl-multi on the same runs must not train them twice at once
-            if not stack.enter_context(claim(run.path)):
+            if not stack.enter_context(run.claim()):
                 raise RuntimeError(f"run {run.path} is being trained by another process")
         return _train_claimed(runs, progress)
 
 
 def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> list[RunDir]:
     wall_start = time.time()
-    cfgs = [cfg for cfg, _ in runs]
+    cfgs = [resolve_precision(cfg) for cfg, _ in runs]
     first = cfgs[0]
     seed_everything(first.seed)
     device = resolve_device(first.device)
     model_path = resolve_model(first.model)
     learners = shared_base_learners([learner_spec(cfg, model_path, device) for cfg in cfgs])
     starts = [restore(run, learner) for (_, run), learner in zip(runs, learners)]
-    sampler = Sampler(EngineSpec(
-        model_path, device.split(":")[0], first.dtype, max(int(cfg.rank) for cfg in cfgs), first.kv_cache_gib,
-        first.gpu_memory_utilization, first.max_model_len, max(256, sum(cfg.prompts_per_step for cfg in cfgs) * first.group_size),
-        first.seed + min(starts), max_loras=len(cfgs),
-    ))
+    sampler = Sampler(
+        EngineSpec(
+            model_path=model_path,
+            device=device.split(":")[0],
+            dtype=first.dtype,
+            lora_rank=max(int(cfg.rank) for cfg in cfgs),
+            kv_cache_gib=first.kv_cache_gib,
+            gpu_memory_utilization=first.gpu_memory_utilization,
+            max_model_len=first.max_model_len,
+            max_num_seqs=max(256, sum(cfg.prompts_per_step for cfg in cfgs) * first.group_size),
+            seed=first.seed + min(starts),
+            max_loras=len(cfgs),
+        )
+    )
     tenants = [
-        Tenant(f"run{k}", cfg, run, learner, load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed),
-               Probe(probe_ids(sampler.tokenizer), cfg.probe_tol or PROBE_NOISE[cfg.dtype]), start)
-        for k, ((cfg, run), learner, start) in enumerate(zip(runs, learners, starts))
+        Tenant(
+            slot=f"run{k}",
+            cfg=cfg,
+            run=run,
+            learner=learner,
+            problems=load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed),
+            probe=Probe(probe_ids(sampler.tokenizer), cfg.probe_tol or PROBE_NOISE[cfg.dtype]),
+            start_step=start,
+        )
+        for k, (cfg, (_, run), learner, start) in enumerate(zip(cfgs, runs, learners, starts))
     ]
     for tenant in tenants:
         publish(tenant.learner, sampler.slot(tenant.slot), tenant.start_step, tenant.probe)
@@ -266,11 +269,12 @@ def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> l
         rows = multi_step(sampler, active, step)
         for tenant, row in zip(active, rows):
             tenant.run.log(row)
-            save_if_due(tenant.run, tenant.cfg, tenant.learner, step)
+            save_if_due(tenant.run, tenant.cfg, tenant.learner, step + 1)
         bar.set_postfix(reward="/".join(f"{row['reward_mean']:.2f}" for row in rows))
     sampler.close()
     for tenant in tenants:
-        mark_done(tenant.run.path, time.time() - wall_start, resumed=tenant.start_step > 0)
+        tenant.run.close()
+        tenant.run.mark_done(time.time() - wall_start, resumed=tenant.start_step > 0)
     return [run for _, run in runs]
 
 
@@ -281,7 +285,8 @@ def open_run(point: Point) -> tuple[RLConfig, RunDir]:
     """A new run directory for the point, or its existing one if its config.json matches the file."""
     cfg = point.config
     assert isinstance(cfg, RLConfig)
-    if run_status(Path(cfg.run_dir)) == "new":
+    cfg = resolve_precision(cfg)  # config.json records the dtype the run uses, not "auto"
+    if RunDir(Path(cfg.run_dir)).status() == "new":
         return cfg, create_run(cfg, point.name, "rl")
     check_same_config(point, Path(cfg.run_dir))
     return reopen_run(RLConfig, cfg.run_dir)

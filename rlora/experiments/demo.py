@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from rlora.config import RLConfig, load_config
-from rlora.plots import plot_metric
-from rlora.rl import resume_rl, run_rl
+from rlora.experiments.plots import plot_metric
+from rlora.rl.loop import resume_rl, run_rl
 from rlora.runs import RunDir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -26,7 +26,7 @@ def run_arm(name: str, preset: str, out: Path, steps: int) -> RunDir:
     if not path.exists():
         raise FileNotFoundError(f"demo preset {path} is missing (run the demo from a checkout of rlora)")
     run = RunDir(out / name)
-    overrides = {"max_steps": steps} if steps else {}
+    overrides: dict[str, object] = {"max_steps": steps} if steps else {}
     if run.config_path.exists():
         return resume_rl(run.path, overrides)
     cfg = load_config(RLConfig, path, [f"run_dir={run.path}"] + [f"{k}={v}" for k, v in overrides.items()])
@@ -41,7 +41,10 @@ def summarize(runs: dict[str, RunDir]) -> str:
     for name, run in runs.items():
         rows = [r for r in run.read_metrics() if "reward_mean" in r]  # eval-only rows carry no training stats
         cfg = json.loads(run.config_path.read_text())
-        col = lambda k: np.array([float(r[k]) for r in rows])  # noqa: E731
+
+        def col(k: str, rows: list[dict[str, object]] = rows) -> np.ndarray:
+            return np.array([float(r[k]) for r in rows])  # type: ignore[arg-type]
+
         lines.append(
             f"| {name} | {cfg['lr']:g} | {len(rows)} | {col('reward_mean')[:3].mean():.3f} | {col('reward_mean')[-3:].mean():.3f} "
             f"| {col('step_s').mean():.1f} | {col('sample_s').mean():.1f} | {col('learn_s').mean():.1f} "

@@ -7,7 +7,7 @@ sampling evals), each at its own best learning rate. One run here, top to bottom
                by hashing each chat, so it is the same for every run, seed and learning rate
   2. tokenize  the model's chat template; the loss mask covers assistant turns only
   3. learn     AdamW on the mean log loss over the batch's assistant tokens, constant learning
-               rate, no warm-up (as in the blog); the same model code as RL (`rlora.learner`)
+               rate, no warm-up (as in the blog); the same model code as RL (`rlora.train.learner`)
   4. evaluate  log loss (nats per assistant token) on the held-out split every `eval_every` steps
 
 Every value in metrics row `step` is measured on the model after `step` updates: the row's
@@ -31,40 +31,34 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm import tqdm
 
-from rlora import lora
-from rlora.config import ConfigError, check_rank
+from rlora.config import ConfigError, TrainConfig
 from rlora.data import DataError, load_rows
-from rlora.learner import DTYPES, Learner, LearnerSpec
-from rlora.models import resolve_model
+from rlora.devices import resolve_device, resolve_precision
+from rlora.rl.types import Tokenizer
 from rlora.runs import RunDir, create_run, reopen_run
-from rlora.sampler import resolve_device
+from rlora.train.learner import Learner
+from rlora.train.models import resolve_model
+from rlora.train.setup import learner_spec, restore, save_if_due
 
 Messages = list[dict[str, str]]
 
 
-@dataclass(frozen=True)
-class SFTConfig:
-    """Everything one SFT run needs. Defaults run on CPU: rank-16 LoRA on generated word problems."""
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig(TrainConfig):
+    """Everything one SFT run needs. Defaults run on CPU: rank-16 LoRA on generated word problems.
 
-    # model and parametrization (the same keys and meanings as RLConfig)
-    model: str = "default"  # "default" (offline SmolLM2-135M-Instruct), a local folder, or a Hub name
-    rank: int | str = 16  # LoRA rank >= 1, or "full" for full fine-tuning
-    alpha_rule: str = "constant"  # constant | per_rank | sqrt (see rlora.lora.ALPHA_RULES)
-    alpha_c: float | None = None  # the rule's constant; None = the rule's default (alpha = 32 at r = 32)
-    lora_init: str = "default"  # default (A uniform, B = 0) | gaussian | gaussian_ab
-    lora_init_scale: float = 1.0
-    lora_targets: str = "all-linear"  # "all-linear" or a comma list of module names (q_proj,v_proj,...)
-    # optimizer: AdamW at a constant learning rate, no warm-up
-    lr: float = 1e-4
-    lr_b_mult: float = 1.0  # learning rate of LoRA B over that of A
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    Model, LoRA, optimizer, run and device keys are `TrainConfig`'s, with the same meanings as in RL.
+    """
+
+    rank: int | str = 16
+    micro_batch: int = 8  # chats per forward/backward; bounds memory, not the result
+    max_steps: int = 50
+    checkpoint_every: int = 0  # 0 = none (a killed run restarts from step 0); else every N steps and at the end
     # data
     train_data: str = ""  # "" = generated word problems; a local .jsonl; or a Hub dataset name
     hub_config: str = ""  # the Hub dataset's config ("" = none)
@@ -76,37 +70,20 @@ class SFTConfig:
     max_seq_len: int = 256  # longer chats are cut on the right (a chat left with no assistant token is dropped)
     # batches
     batch_size: int = 8  # chats per optimizer step
-    micro_batch: int = 8  # chats per forward/backward; bounds memory, not the result
-    # run
-    max_steps: int = 50
+    # evaluation
     eval_every: int = 10  # held-out loss every this many steps, and always after the last one
     eval_at_start: bool = True  # also at step 0 (the base model: the same for every LoRA run of a sweep)
-    checkpoint_every: int = 0  # 0 = none (a killed run restarts from step 0); else every N steps and at the end
-    seed: int = 0  # LoRA init and the order of training batches (not the data or the split)
-    run_dir: str = ""  # "" = runs/<preset>-<time>
-    # devices and precision
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # learner compute; bfloat16 on GPU (master weights stay float32 either way)
 
     def __post_init__(self) -> None:
-        check_rank(self.rank)
-        for key in ("batch_size", "micro_batch", "max_seq_len", "synthetic_examples", "eval_every"):
+        super().__post_init__()
+        for key in ("batch_size", "max_seq_len", "synthetic_examples", "eval_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)!r}")
-        for key in ("max_steps", "checkpoint_every", "max_examples", "eval_examples"):
+        for key in ("max_examples", "eval_examples"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(self, key)!r}")
-        if self.lr <= 0:
-            raise ConfigError(f"config key 'lr' must be > 0, got {self.lr!r}")
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"config key 'eval_fraction' must be in (0, 1), got {self.eval_fraction!r}")
-        for key, table in (("alpha_rule", lora.ALPHA_RULES), ("lora_init", lora.INITS), ("dtype", DTYPES)):
-            if getattr(self, key) not in table:
-                raise ConfigError(f"config key {key!r} must be one of {sorted(table)}, got {getattr(self, key)!r}")
-
-    @property
-    def is_full(self) -> bool:
-        return self.rank == "full"
 
 
 @dataclass(frozen=True)
@@ -191,14 +168,16 @@ def synthetic_word_problems(n: int, seed: int = 0) -> list[Messages]:
 
 
 def _from_messages(row: dict[str, object]) -> Messages:
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]  # type: ignore[attr-defined, index]
+    turns = cast(list[dict[str, object]], row["messages"])  # a malformed row raises KeyError/TypeError: row_to_messages names it
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in turns]
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 def _from_conversations(row: dict[str, object]) -> Messages:
-    return [{"role": SHAREGPT_ROLES[str(m["from"])], "content": str(m["value"])} for m in row["conversations"]]  # type: ignore[attr-defined, index]
+    turns = cast(list[dict[str, object]], row["conversations"])
+    return [{"role": SHAREGPT_ROLES[str(m["from"])], "content": str(m["value"])} for m in turns]
 
 
 def _from_question_answer(row: dict[str, object]) -> Messages:
@@ -251,7 +230,7 @@ def is_held_out(messages: Messages, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def tokenize_chat(messages: Messages, tokenizer: object, max_seq_len: int) -> Example | None:
+def tokenize_chat(messages: Messages, tokenizer: Tokenizer, max_seq_len: int) -> Example | None:
     """Template the chat turn by turn and mark assistant tokens; None if none survive truncation.
 
     Each assistant turn i is the text between template(messages[:i], generation prompt) and
@@ -263,12 +242,12 @@ def tokenize_chat(messages: Messages, tokenizer: object, max_seq_len: int) -> Ex
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)  # type: ignore[attr-defined]
-        turn = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)  # type: ignore[attr-defined]
+        prefix = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        turn = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (prefix.startswith(text_done) and turn.startswith(prefix)):
             raise DataError("the chat template does not extend its own prefixes; cannot mark assistant turns")
-        for piece, flag in ((prefix[len(text_done):], 0), (turn[len(prefix):], 1)):
-            piece_ids = tokenizer.encode(piece, add_special_tokens=False)  # type: ignore[attr-defined]
+        for piece, flag in ((prefix[len(text_done) :], 0), (turn[len(prefix) :], 1)):
+            piece_ids = tokenizer.encode(piece, add_special_tokens=False)
             ids.extend(piece_ids)
             assistant.extend([flag] * len(piece_ids))
         text_done = turn
@@ -313,7 +292,7 @@ DATA_KEYS = ("train_data", "hub_config", "hub_split", "max_examples", "synthetic
 _data_cache: dict[tuple[object, ...], SFTData] = {}  # a sweep's runs in one process tokenize once
 
 
-def prepare_data(cfg: SFTConfig, tokenizer: object, model_path: str = "") -> SFTData:
+def prepare_data(cfg: SFTConfig, tokenizer: Tokenizer, model_path: str = "") -> SFTData:
     """Tokenized training and held-out chats; cached per (model_path, data keys) when model_path is given."""
     if not model_path:
         return _prepare_data(cfg, tokenizer)
@@ -323,7 +302,7 @@ def prepare_data(cfg: SFTConfig, tokenizer: object, model_path: str = "") -> SFT
     return _data_cache[key]
 
 
-def _prepare_data(cfg: SFTConfig, tokenizer: object) -> SFTData:
+def _prepare_data(cfg: SFTConfig, tokenizer: Tokenizer) -> SFTData:
     train: list[Example] = []
     held_out: list[Example] = []
     dropped = 0
@@ -348,9 +327,7 @@ def _prepare_data(cfg: SFTConfig, tokenizer: object) -> SFTData:
 def nll_sum(learner: Learner, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of -log p over the batch's assistant targets, their mean entropy), on the learner's model."""
     T = int(batch.lengths_B.max())  # crop padding to the longest row
-    lp_N, entropy_N = learner.token_logprobs(
-        batch.tokens_B_T[:, :T], batch.targets_B_T[:, :T], batch.mask_B_T[:, :T], batch.lengths_B, temperature=1.0
-    )
+    lp_N, entropy_N = learner.token_logprobs(batch.tokens_B_T[:, :T], batch.targets_B_T[:, :T], batch.mask_B_T[:, :T], batch.lengths_B, temperature=1.0)
     return -lp_N.sum(), entropy_N.mean()
 
 
@@ -368,10 +345,8 @@ def train_step(learner: Learner, examples: Sequence[Example], pad_id: int) -> di
         (nll / num_tokens).backward()
         loss_sum += nll.item()
         entropy += ent.item() * batch.num_tokens
-    clip = learner.spec.grad_clip if learner.spec.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(learner.trainable, clip)
-    learner.optimizer.step()
-    return {"train_loss": loss_sum / num_tokens, "entropy": entropy / num_tokens, "grad_norm": float(grad_norm), "train_tokens": num_tokens}
+    grad_norm = learner.optimizer_step()  # clip and AdamW, exactly as in RL
+    return {"train_loss": loss_sum / num_tokens, "entropy": entropy / num_tokens, "grad_norm": grad_norm, "train_tokens": num_tokens}
 
 
 @torch.no_grad()
@@ -391,15 +366,8 @@ def evaluate(learner: Learner, examples: Sequence[Example], pad_id: int) -> dict
 # ------------------------------------------------------------------------------------ the loop
 
 
-def lora_spec(cfg: SFTConfig) -> lora.LoRASpec | None:
-    if cfg.is_full:
-        return None
-    targets = lora.TARGETS_ALL_LINEAR if cfg.lora_targets == "all-linear" else tuple(t.strip() for t in cfg.lora_targets.split(","))
-    assert isinstance(cfg.rank, int)
-    return lora.LoRASpec(cfg.rank, cfg.alpha_rule, cfg.alpha_c, cfg.lora_init, cfg.lora_init_scale, targets)
-
-
 def train(cfg: SFTConfig, run: RunDir, progress: bool = True) -> RunDir:
+    cfg = resolve_precision(cfg)  # dtype auto -> bfloat16 or float32 (run_sft saves the resolved value)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model_path = resolve_model(cfg.model)
@@ -408,19 +376,14 @@ def train(cfg: SFTConfig, run: RunDir, progress: bool = True) -> RunDir:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     data = prepare_data(cfg, tokenizer, model_path)
-    spec = lora_spec(cfg)
-    learner = Learner(LearnerSpec(
-        model_path, spec, cfg.lr, cfg.lr_b_mult, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
-        cfg.grad_clip, device, cfg.dtype, cfg.micro_batch, cfg.seed,
-    ))
-    start_step = 0
-    checkpoint = run.latest_checkpoint()
-    if checkpoint is not None:
-        start_step, state = RunDir.load_checkpoint(checkpoint)
-        learner.load_state(state)
-    run.truncate_metrics(start_step)  # drop rows written after the checkpoint by a killed run
-    info = {"train_chats": len(data.train), "eval_chats": len(data.held_out), "dropped_chats": data.dropped,
-            "trainable_params": sum(p.numel() for p in learner.trainable)}
+    learner = Learner(learner_spec(cfg, model_path, device))
+    start_step = restore(run, learner)
+    info = {
+        "train_chats": len(data.train),
+        "eval_chats": len(data.held_out),
+        "dropped_chats": data.dropped,
+        "trainable_params": sum(p.numel() for p in learner.trainable),
+    }
 
     bar = tqdm(range(start_step, cfg.max_steps + 1), initial=start_step, total=cfg.max_steps, desc="sft", disable=not progress, file=sys.stderr)
     for step in bar:
@@ -440,16 +403,16 @@ def train(cfg: SFTConfig, run: RunDir, progress: bool = True) -> RunDir:
             # close the run with a NaN final loss, which the analysis reads as "diverged".
             run.log({"step": cfg.max_steps, "eval_loss": float("nan"), "diverged": True})
             break
-        next_step = step + 1
-        if cfg.checkpoint_every and step < cfg.max_steps and (next_step % cfg.checkpoint_every == 0 or next_step == cfg.max_steps):
-            extra = {"adapter": learner.write_adapter} if spec is not None else {}
-            run.save_checkpoint(next_step, learner.state(), extra)
+        if step < cfg.max_steps:
+            save_if_due(run, cfg, learner, step + 1)
         if "eval_loss" in row:
             bar.set_postfix(eval_loss=f"{float(row['eval_loss']):.4f}")  # type: ignore[arg-type]
+    run.close()
     return run
 
 
 def run_sft(cfg: SFTConfig, name: str = "sft", progress: bool = True) -> RunDir:
+    cfg = resolve_precision(cfg)  # config.json records the dtype the run uses, not "auto"
     return train(cfg, create_run(cfg, name, "sft"), progress)
 
 

@@ -1,7 +1,7 @@
 """A data-parallel learner over several processes (`torchrun` or `accelerate launch`).
 
 Who does what
-- Rank 0 runs the RL loop of `rlora.rl` unchanged: it owns the vLLM engine, samples, grades,
+- Rank 0 runs the RL loop of `rlora.rl.loop` unchanged: it owns the vLLM engine, samples, grades,
   builds the step's TrainBatch, logs and checkpoints. Its learner is a `LeaderLearner`, which
   has the Learner interface and announces each collective call to the other ranks first.
 - Ranks 1..W-1 run `follow(learner)`: they execute rank 0's announced calls on their own
@@ -43,15 +43,15 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlora.learner import BackwardPass, ClipFn, Learner, LearnerSpec, make_optimizer, step_stats
-from rlora.losses import LossFn
-from rlora.types import TrainBatch
+from rlora.rl.losses import LossFn
+from rlora.rl.types import TrainBatch
+from rlora.train.learner import BackwardPass, ClipFn, Learner, LearnerHandle, LearnerSpec, make_optimizer, step_stats
 
 STOP = "stop"
 T = TypeVar("T")
@@ -247,8 +247,8 @@ class ShardedLearner(DataParallelLearner):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(self.model, state["trainable"], options=options)  # type: ignore[arg-type]
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)  # type: ignore[arg-type]
+        set_model_state_dict(self.model, state["trainable"], options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
 
 
 def shard_decoder(model: nn.Module, device_type: str) -> None:
@@ -257,10 +257,10 @@ def shard_decoder(model: nn.Module, device_type: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    decoder = model.get_decoder()  # type: ignore[operator]
+    decoder = model.get_decoder()
     units = [*decoder.layers, decoder]
     for unit in units:
-        ignored = {model.get_input_embeddings().weight} if unit is decoder else None  # type: ignore[operator]
+        ignored = {model.get_input_embeddings().weight} if unit is decoder else None
         # reshard after forward, the root too (FSDP's default keeps the root whole): after a
         # no-grad forward (the handoff probe) the parameters must again be the optimizer's shards
         fully_shard(unit, mesh=mesh, ignored_params=ignored, reshard_after_forward=True)
@@ -298,26 +298,26 @@ class LeaderLearner:
         return getattr(self.learner, method)(*args)
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> dict[str, float]:
-        return self._call("train_step", batch, loss_fn, norm, cap, temperature)  # type: ignore[return-value]
+        return cast(dict[str, float], self._call("train_step", batch, loss_fn, norm, cap, temperature))
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
-        return self._call("sequence_logprobs", token_ids)  # type: ignore[return-value]
+        return cast(list[float], self._call("sequence_logprobs", token_ids))
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return self._call("weights")  # type: ignore[return-value]
+        return cast(Iterator[tuple[str, torch.Tensor]], self._call("weights"))
 
     def write_adapter(self, path: Path) -> None:
         self.learner.write_adapter(path)  # LoRA runs are replicated: rank 0 holds the whole adapter
 
     def state(self) -> dict[str, object]:
-        return self._call("state")  # type: ignore[return-value]
+        return cast(dict[str, object], self._call("state"))
 
     def close(self) -> None:
         """Release the followers from `follow`."""
         broadcast_object((STOP, ()))
 
 
-def lead(learner: Learner) -> Learner | LeaderLearner:
+def lead(learner: Learner) -> LearnerHandle:
     """Rank 0's handle: the learner itself in a single process."""
     return LeaderLearner(learner) if isinstance(learner, DataParallelLearner) else learner
 
@@ -325,14 +325,16 @@ def lead(learner: Learner) -> Learner | LeaderLearner:
 def follow(learner: DataParallelLearner) -> None:
     """Ranks > 0: run rank 0's announced calls on this rank's learner until it says stop."""
     while True:
-        method, args = broadcast_object()  # type: ignore[misc]
+        call = broadcast_object()
+        assert isinstance(call, tuple) and len(call) == 2, f"rank 0 announced {call!r}"
+        method, args = call
         if method == STOP:
             return
         assert method in learner.COLLECTIVE, f"rank 0 announced {method!r}, which is not collective"
         getattr(learner, method)(*args)
 
 
-def shutdown(learner: Learner | LeaderLearner) -> None:
+def shutdown(learner: LearnerHandle) -> None:
     """Rank 0 at the end of a run: release the followers and leave the process group (one process: nothing)."""
     if isinstance(learner, LeaderLearner):
         learner.close()

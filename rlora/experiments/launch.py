@@ -1,6 +1,6 @@
 """`rlora launch`: a plan of runs placed on one node's GPUs, one child process per run.
 
-A plan file is a sweep file (`rlora.sweep`: kind, base, out, fixed, grid or a list of grids; the
+A plan file is a sweep file (`rlora.experiments.sweep`: kind, base, out, fixed, grid or a list of grids; the
 same run names, run directories and resume rules) plus what each run needs from the node:
 
     gpus_per_run: {lora: 1, full: 4}  # or one integer for every run; a rank key (32: 2) overrides lora
@@ -55,12 +55,16 @@ from typing import TextIO
 
 import yaml
 
-from rlora.config import ConfigError, from_dict, parse_overrides, to_dict
-from rlora.runs import LATEST, RunDir
-from rlora.sweep import (
-    DONE_FILE, ERROR_FILE, SPEC_KEYS, Point, Sweep, check_same_config, claim, mark_done, parse_sweep, run_status,
+from rlora.config import ConfigError, TrainConfig, from_dict, parse_overrides, to_dict
+from rlora.experiments.sweep import (
+    SPEC_KEYS,
+    Point,
+    Sweep,
+    check_same_config,
+    parse_sweep,
     write_sweep_record,
 )
+from rlora.runs import DONE_FILE, ERROR_FILE, LATEST, RunDir
 
 LAUNCH_KEYS = ("gpus_per_run", "share")
 LOG_FILE = "launch.log"
@@ -221,15 +225,15 @@ def gpus_table(value: object, where: str) -> dict[object, int]:
     return table
 
 
-def gpus_needed(cfg: object, table: Mapping[object, int]) -> int:
-    rank = getattr(cfg, "rank")
+def gpus_needed(cfg: TrainConfig, table: Mapping[object, int]) -> int:
+    rank = cfg.rank
     if rank == "full":
         return table.get("full", 1)
     return table.get(rank, table.get("lora", 1))
 
 
 def load_plan(path: str | Path, out: str | Path | None = None) -> Plan:
-    """Read a plan file: a sweep (checked by `rlora.sweep`) plus `gpus_per_run` and `share`."""
+    """Read a plan file: a sweep (checked by `rlora.experiments.sweep`) plus `gpus_per_run` and `share`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"plan file {path} does not exist")
@@ -271,7 +275,7 @@ def format_override(value: object) -> str:
     return json.dumps(value)  # JSON scalars are YAML scalars: "", "1", true, null, 5e-06
 
 
-def config_args(cfg: object) -> list[str]:
+def config_args(cfg: TrainConfig) -> list[str]:
     """`key=value` for every field that differs from the config class's defaults: rebuilds exactly cfg."""
     defaults = to_dict(type(cfg)())
     args = [f"{k}={format_override(v)}" for k, v in to_dict(cfg).items() if v != defaults[k]]
@@ -282,9 +286,9 @@ def config_args(cfg: object) -> list[str]:
 
 def command_for(kind: str, point: Point, gpus: tuple[int, ...], node: Node, resume: bool) -> Command:
     """The child process of one run on `gpus`: plain for one GPU, torchrun for several."""
-    cfg = dataclasses.replace(point.config, device="cpu") if node.cpu else point.config  # type: ignore[type-var]
+    cfg = dataclasses.replace(point.config, device="cpu") if node.cpu else point.config
     if resume:  # the run dir's config.json is the config; only the device may change (as in a sweep)
-        args = ["--resume", str(getattr(cfg, "run_dir")), *(["device=cpu"] if node.cpu else [])]
+        args = ["--resume", str(cfg.run_dir), *(["device=cpu"] if node.cpu else [])]
     else:
         args = config_args(cfg)
     entry = ["-m", "rlora.cli", kind, *args]
@@ -297,27 +301,27 @@ def command_for(kind: str, point: Point, gpus: tuple[int, ...], node: Node, resu
 # ------------------------------------------------------------------------------------ run state on disk
 
 
-def final_step(kind: str, cfg: object) -> int:
+def final_step(kind: str, cfg: TrainConfig) -> int:
     """The step of the last metrics row a finished run writes."""
     if kind == "sft":
-        return int(getattr(cfg, "max_steps"))  # the final held-out loss row
-    return int(getattr(cfg, "max_steps")) - (0 if getattr(cfg, "eval_every") else 1)  # rl: + a final eval row
+        return int(cfg.max_steps)  # the final held-out loss row
+    return int(cfg.max_steps) - (0 if cfg.eval_every else 1)  # rl: + a final eval row
 
 
-def is_finished(kind: str, cfg: object, run_dir: Path) -> bool:
+def is_finished(kind: str, cfg: TrainConfig, run_dir: Path) -> bool:
     """done.json, or (a run finished outside a sweep or launcher) its last row and last checkpoint written."""
     if (run_dir / DONE_FILE).exists():
         return True
     rows = RunDir(run_dir).read_metrics()
     if not rows or max(int(r["step"]) for r in rows) < final_step(kind, cfg):  # type: ignore[call-overload]
         return False
-    if not getattr(cfg, "checkpoint_every"):
+    if not cfg.checkpoint_every:
         return True
     pointer = run_dir / "checkpoints" / LATEST
     if not pointer.exists():
         return False
     state = run_dir / "checkpoints" / pointer.read_text().strip() / "state.json"
-    return state.exists() and json.loads(state.read_text())["next_step"] >= getattr(cfg, "max_steps")
+    return state.exists() and json.loads(state.read_text())["next_step"] >= cfg.max_steps
 
 
 def steps_done(kind: str, rows: Sequence[Mapping[str, object]]) -> int:
@@ -386,8 +390,8 @@ def _ids(gpus: Sequence[int]) -> str:
 
 def initial_state(kind: str, point: Point) -> str:
     """'skipped' (finished) or 'waiting'; a run dir from another config stops the launch (ConfigError)."""
-    run_dir = Path(str(getattr(point.config, "run_dir")))
-    if run_status(run_dir) != "new":
+    run_dir = Path(str(point.config.run_dir))
+    if RunDir(run_dir).status() != "new":
         check_same_config(point, run_dir)
     return "skipped" if is_finished(kind, point.config, run_dir) else "waiting"
 
@@ -408,7 +412,7 @@ def dry_run(plan: Plan, node: Node) -> str:
         table([("wave", "gpus", "run")] + [(str(p.wave), _ids(p.gpus), p.run.name) for p in placements]),
     ]
     for p in placements:
-        resume = run_status(Path(str(getattr(points[p.run.name].config, "run_dir")))) == "partial"
+        resume = RunDir(Path(str(points[p.run.name].config.run_dir))).status() == "partial"
         lines.append(f"# {p.run.name}{' (resume)' if resume else ''}\n{command_for(sweep.kind, points[p.run.name], p.gpus, node, resume).shell()}")
     return "\n".join(lines) + "\n"
 
@@ -432,13 +436,13 @@ class Task:
 
     @property
     def run_dir(self) -> Path:
-        return Path(str(getattr(self.point.config, "run_dir")))
+        return Path(str(self.point.config.run_dir))
 
 
 def start(task: Task, gpus: tuple[int, ...], kind: str, node: Node) -> None:
     """Claim the run (the sweep's flock) and start its child; a run someone else holds is 'taken'."""
     lock = ExitStack()
-    if not lock.enter_context(claim(task.run_dir)):
+    if not lock.enter_context(RunDir(task.run_dir).claim()):
         lock.close()
         task.state = "taken"
         return
@@ -446,7 +450,7 @@ def start(task: Task, gpus: tuple[int, ...], kind: str, node: Node) -> None:
         lock.close()
         task.state = "skipped"
         return
-    task.resumed = run_status(task.run_dir) == "partial"
+    task.resumed = RunDir(task.run_dir).status() == "partial"
     cmd = command_for(kind, task.point, gpus, node, task.resumed)
     with (task.run_dir / LOG_FILE).open("a") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {cmd.shell()}\n")
@@ -459,7 +463,7 @@ def finish(task: Task, code: int) -> None:
     """Record how the child ended: the sweep's done marker, or error.txt with the end of its log."""
     task.ended = time.time()
     if code == 0:
-        mark_done(task.run_dir, task.ended - task.started, task.resumed)
+        RunDir(task.run_dir).mark_done(task.ended - task.started, task.resumed)
         task.state = "done"
     else:
         tail = (task.run_dir / LOG_FILE).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
@@ -471,7 +475,7 @@ def finish(task: Task, code: int) -> None:
 
 def status_of(task: Task, kind: str) -> Status:
     rows = RunDir(task.run_dir).read_metrics() if task.state != "waiting" else []
-    max_steps = int(getattr(task.point.config, "max_steps"))
+    max_steps = int(task.point.config.max_steps)
     elapsed = (task.ended or time.time()) - task.started if task.started else 0.0
     return Status(task.run.name, _ids(task.gpus), task.state, f"{min(steps_done(kind, rows), max_steps)}/{max_steps}", last_value(kind, rows), elapsed)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 
@@ -17,7 +18,7 @@ def plot_metric(
     """One line per run of `key` against step; FullFT runs (named in `full_names`) in black."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in runs.items():
-        points = [(int(r["step"]), float(r[key])) for r in rows if key in r and r[key] is not None]  # type: ignore[arg-type]
+        points = [(int(cast(float, r["step"])), float(cast(float, r[key]))) for r in rows if key in r and r[key] is not None]
         if not points:
             continue
         steps, values = zip(*points)

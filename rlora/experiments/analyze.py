@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rlora.experiments.sweep import LORA_KEYS, SWEEP_FILE
 from rlora.runs import RunDir
-from rlora.sweep import LORA_KEYS, SWEEP_FILE
 
 import matplotlib  # isort: skip
 
@@ -48,10 +48,15 @@ from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 FULL = "full"
 # Config keys that never define a panel: the two axes, the seed (averaged), and bookkeeping.
 AXES = ("rank", "lr")
-NOT_PANEL = ("rank", "lr", "seed", "run_dir", "device")
+NOT_PANEL = ("rank", "lr", "seed", "run_dir", "device", "report_to")
 
 
 # ------------------------------------------------------------------------------------ metrics
+
+
+def signed(x: float, digits: int = 2) -> str:
+    """`x` with its sign, never '-0.00': a value that rounds to zero prints as +0.00."""
+    return f"{round(x, digits) + 0.0:+.{digits}f}"  # + 0.0 turns -0.0 into 0.0
 
 
 def final_eval_loss(rows: Sequence[dict[str, object]], cfg: dict[str, object]) -> float | None:
@@ -199,7 +204,7 @@ def best_lr(curve: Curve, metric: Metric) -> BestLR | None:
     if metric.log_fit:
         y = np.log(y)
     a, b, c = np.polyfit(x, y, 2)
-    if (a <= 0 if metric.goal == "min" else a >= 0):  # flat or the wrong way round: no vertex to trust
+    if a <= 0 if metric.goal == "min" else a >= 0:  # flat or the wrong way round: no vertex to trust
         return BestLR(lr, value, lr, value, "grid", edge)
     x_star = float(np.clip(-b / (2 * a), x[0], x[2]))
     y_star = float(a * x_star**2 + b * x_star + c)
@@ -284,7 +289,7 @@ def summarize_rank(rank: int | str, results: Sequence[RunResult], metric: Metric
 
 
 def rank_exponent(ranks: Sequence[RankSummary]) -> float | None:
-    points = [(math.log(float(r.rank)), math.log(r.best.lr)) for r in ranks if r.best]  # type: ignore[arg-type]
+    points = [(math.log(float(r.rank)), math.log(r.best.lr)) for r in ranks if r.best]
     if len(points) < 2:
         return None
     x, y = np.array(points).T
@@ -356,7 +361,16 @@ def plot_heatmaps(panels: Sequence[Panel], metric: Metric, out: Path) -> Path:
                 v = grid[i, j]
                 text = f"{v:.3g}" if math.isfinite(v) else "div"
                 boxed = r.best is not None and lr == r.best.grid_lr
-                ax.text(j, i, text, ha="center", va="center", fontsize=7 if len(lrs) <= 8 else 4.5, color="black" if not boxed else "red", fontweight="bold" if boxed else "normal")
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=7 if len(lrs) <= 8 else 4.5,
+                    color="black" if not boxed else "red",
+                    fontweight="bold" if boxed else "normal",
+                )
         ax.set_xticks(range(len(lrs)), [f"{lr:.0e}" for lr in lrs], rotation=45, fontsize=7)
         ax.set_yticks(range(len(rows)), [f"r={r.rank}" if r.rank != FULL else "FullFT" for r in rows], fontsize=8)
         ax.set_xlabel("learning rate")
@@ -385,8 +399,7 @@ def plot_ucurves(panels: Sequence[Panel], metric: Metric, out: Path) -> Path:
         for r in _ranks_with_full(panel):
             is_full = r.rank == FULL
             color = "black" if is_full else colors[r.rank]
-            ax.plot(r.curve.lrs, r.curve.values, "o-", color=color, lw=2.2 if is_full else 1.4, ms=3.5,
-                    label="FullFT" if is_full else f"r={r.rank}")
+            ax.plot(r.curve.lrs, r.curve.values, "o-", color=color, lw=2.2 if is_full else 1.4, ms=3.5, label="FullFT" if is_full else f"r={r.rank}")
             if r.best is not None:
                 ax.plot([r.best.lr], [r.best.value], "*", color=color, ms=11, mec="white", mew=0.6)
         ax.set_xscale("log")
@@ -409,7 +422,7 @@ def plot_best_lr(panels: Sequence[Panel], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     drawn_full: set[float] = set()
     for k, panel in enumerate(panels):
-        pts = [(int(r.rank), r.best) for r in panel.ranks if r.best]  # type: ignore[arg-type]
+        pts = [(int(r.rank), r.best) for r in panel.ranks if r.best]
         if not pts:
             continue
         color = f"C{k}"
@@ -421,7 +434,7 @@ def plot_best_lr(panels: Sequence[Panel], out: Path) -> Path:
             ax.axhline(panel.full.best.lr, color="black", ls="--", lw=1.2, label="FullFT best" if len(drawn_full) == 1 else None)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ranks = sorted({int(r.rank) for p in panels for r in p.ranks})  # type: ignore[arg-type]
+    ranks = sorted({int(r.rank) for p in panels for r in p.ranks})
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set_xlabel("LoRA rank")
     ax.set_ylabel("best learning rate (interpolated)")
@@ -440,7 +453,7 @@ def plot_learning_curves(panel: Panel, metric: Metric, out: Path) -> Path | None
 
     A sweep that evaluates only at the end has one held-out point per run: the training loss
     (smoothed) is drawn instead, and the title says so."""
-    from rlora.plots import plot_metric
+    from rlora.experiments.plots import plot_metric
 
     runs: dict[str, list[dict[str, object]]] = {}
     for r in _ranks_with_full(panel):
@@ -480,8 +493,9 @@ def _row(r: RankSummary) -> str:
     b = r.best
     flag = {"low": " (lowest lr tried)", "high": " (highest lr tried)"}.get(b.edge, "")
     ratio = "-" if r.ratio_to_full is None else f"{r.ratio_to_full:.2f}"
-    return (f"| {'FullFT' if r.rank == FULL else r.rank} | {b.grid_lr:.1e} | {b.grid_value:.4g} | {b.lr:.2e}{flag} | {b.method} "
-            f"| {ratio} | {_band_text(r.band)} |")
+    return (
+        f"| {'FullFT' if r.rank == FULL else r.rank} | {b.grid_lr:.1e} | {b.grid_value:.4g} | {b.lr:.2e}{flag} | {b.method} | {ratio} | {_band_text(r.band)} |"
+    )
 
 
 def write_report(a: Analysis, metric: Metric, out: Path, rel_figures: dict[str, str]) -> Path:
@@ -509,7 +523,7 @@ def write_report(a: Analysis, metric: Metric, out: Path, rel_figures: dict[str, 
         if p.ranks:
             shared = ", ".join(f"{x:.1e}" for x in p.shared_grid) or "none"
             interval = "empty" if p.shared_lo is None else f"{p.shared_lo:.1e} .. {p.shared_hi:.1e}"
-            exponent = "-" if p.rank_exponent is None else f"{p.rank_exponent:+.2f}"
+            exponent = "-" if p.rank_exponent is None else signed(p.rank_exponent)
             lines += [
                 f"- reusable band (in every LoRA rank's band): grid lrs {shared}; interpolated {interval}",
                 f"- best lr ~ rank^p over the LoRA ranks: p = {exponent} (0 = flat, -0.5 = like 1/sqrt(r), -1 = like 1/r)",
@@ -562,8 +576,19 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, tol: float | N
         if path is not None:
             figures[f"curves {panel.name}"] = path
     diverged = tuple(sorted(r.name for r in results if not math.isfinite(r.value)))
-    analysis = Analysis(str(sweep_dir), kind, metric.key, metric.goal, tol, metric.tol_mode, panels, tuple(sorted(unfinished)),
-                        diverged, len(results), {k: str(v) for k, v in figures.items()})
+    analysis = Analysis(
+        str(sweep_dir),
+        kind,
+        metric.key,
+        metric.goal,
+        tol,
+        metric.tol_mode,
+        panels,
+        tuple(sorted(unfinished)),
+        diverged,
+        len(results),
+        {k: str(v) for k, v in figures.items()},
+    )
     rel = {k: str(Path(v).relative_to(out_dir)) if Path(v).is_relative_to(out_dir) else str(v) for k, v in figures.items()}
     write_report(analysis, metric, out_dir / "report.md", rel)
     (out_dir / "summary.json").write_text(json.dumps(_jsonable(asdict(analysis)), indent=2) + "\n")

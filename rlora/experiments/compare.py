@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlora.plots import plot_metric
+from rlora.experiments.plots import plot_metric
 from rlora.runs import RunDir
 
 Row = dict[str, object]

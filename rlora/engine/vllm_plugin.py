@@ -22,7 +22,7 @@ import os
 __all__ = ["FAST_LORA_ENV", "GROUPED_WRAPPER", "fast_lora_enabled", "register"]
 
 FAST_LORA_ENV = "RLORA_FAST_LORA"
-GROUPED_WRAPPER = "rlora.vllm_lora_ops.GroupedPunicaWrapperCPU"
+GROUPED_WRAPPER = "rlora.engine.vllm_lora_ops.GroupedPunicaWrapperCPU"
 STOCK_CPU_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
 
 logger = logging.getLogger(__name__)

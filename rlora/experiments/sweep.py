@@ -31,7 +31,6 @@ goes on, and the command exits non-zero at the end; running it again retries tha
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import os
@@ -39,23 +38,19 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
 
-from rlora.config import ConfigError, from_dict, load_yaml, to_dict
-from rlora.runs import RunDir
+from rlora.config import ConfigError, TrainConfig, from_dict, load_yaml, to_dict
+from rlora.runs import ERROR_FILE, RunDir
 
 # Keys that only mean something with an adapter; a FullFT point drops them.
 LORA_KEYS = ("alpha_rule", "alpha_c", "lora_init", "lora_init_scale", "lora_targets", "lr_b_mult")
 # Keys that may differ between a run's saved config and the sweep's without making it another run.
-IGNORED_ON_RESUME = ("run_dir", "device")
-DONE_FILE = "done.json"
-ERROR_FILE = "error.txt"
-LOCK_FILE = ".lock"
+IGNORED_ON_RESUME = ("run_dir", "device", "report_to")
 SWEEP_FILE = "sweep.json"
 SPEC_KEYS = ("kind", "base", "out", "devices", "fixed", "grid")
 
@@ -63,37 +58,40 @@ SPEC_KEYS = ("kind", "base", "out", "devices", "fixed", "grid")
 # ------------------------------------------------------------------------------------ kinds
 
 
-def _start_sft(cfg: object, name: str, progress: bool) -> RunDir:
-    from rlora.sft import run_sft
+def _start_sft(cfg: TrainConfig, name: str, progress: bool) -> RunDir:
+    from rlora.sft.loop import SFTConfig, run_sft
 
-    return run_sft(cfg, name, progress)  # type: ignore[arg-type]
+    assert isinstance(cfg, SFTConfig)
+    return run_sft(cfg, name, progress)
 
 
 def _resume_sft(path: Path, progress: bool) -> RunDir:
-    from rlora.sft import resume_sft
+    from rlora.sft.loop import resume_sft
 
     return resume_sft(path, progress=progress)
 
 
-def _start_rl(cfg: object, name: str, progress: bool) -> RunDir:
-    from rlora.rl import run_rl
+def _start_rl(cfg: TrainConfig, name: str, progress: bool) -> RunDir:
+    from rlora.config import RLConfig
+    from rlora.rl.loop import run_rl
 
-    return run_rl(cfg, name, progress)  # type: ignore[arg-type]
+    assert isinstance(cfg, RLConfig)
+    return run_rl(cfg, name, progress)
 
 
 def _resume_rl(path: Path, progress: bool) -> RunDir:
-    from rlora.rl import resume_rl
+    from rlora.rl.loop import resume_rl
 
     return resume_rl(path, progress=progress)
 
 
-def _sft_config() -> type:
-    from rlora.sft import SFTConfig
+def _sft_config() -> type[TrainConfig]:
+    from rlora.sft.loop import SFTConfig
 
     return SFTConfig
 
 
-def _rl_config() -> type:
+def _rl_config() -> type[TrainConfig]:
     from rlora.config import RLConfig
 
     return RLConfig
@@ -103,8 +101,8 @@ def _rl_config() -> type:
 class Kind:
     """An entry point a sweep can run: its config class and how to start and resume one run."""
 
-    config_cls: Callable[[], type]
-    start: Callable[[object, str, bool], RunDir]
+    config_cls: Callable[[], type[TrainConfig]]
+    start: Callable[[TrainConfig, str, bool], RunDir]
     resume: Callable[[Path, bool], RunDir]
 
 
@@ -123,7 +121,7 @@ class Point:
 
     name: str  # from its grid values: "rank=4,lr=0.001,alpha_rule=sqrt"
     overrides: tuple[tuple[str, object], ...]  # its grid values, in grid order, as the config reads them
-    config: object  # the full config (base + fixed + overrides), run_dir = <out>/<name>
+    config: TrainConfig  # the full config (base + fixed + overrides), run_dir = <out>/<name>
 
 
 @dataclass(frozen=True)
@@ -174,7 +172,7 @@ def make_points(kind: str, base: dict[str, object], raw_points: list[dict[str, o
         if unknown:
             raise ConfigError(f"unknown config key {unknown[0]!r} in the grid{where}; known keys: {', '.join(sorted(known))}")
         cfg = from_dict(cls, {**base, **raw}, where=f" (sweep point {raw}){where}")
-        if getattr(cfg, "rank") == "full":
+        if cfg.rank == "full":
             raw = {k: v for k, v in raw.items() if k not in LORA_KEYS}
             cfg = from_dict(cls, {**base, **raw}, where=f" (sweep point {raw}){where}")
         overrides = tuple((k, getattr(cfg, k)) for k in raw)
@@ -202,7 +200,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
 
 
 def parse_sweep(spec: object, path: Path, out: str | Path | None = None) -> Sweep:
-    """A sweep from the mapping read out of `path` (`rlora.launch` reads plan files this way, its own keys removed)."""
+    """A sweep from the mapping read out of `path` (`rlora.experiments.launch` reads plan files this way, its own keys removed)."""
     where = f" in {path}"
     if not isinstance(spec, dict):
         raise ConfigError(f"sweep file {path} must be a mapping with keys {SPEC_KEYS}")
@@ -236,42 +234,18 @@ def parse_sweep(spec: object, path: Path, out: str | Path | None = None) -> Swee
 # ------------------------------------------------------------------------------------ running
 
 
-def run_status(run_dir: Path) -> str:
-    """'done', 'partial' (a config but no done marker: resume it) or 'new'."""
-    if (run_dir / DONE_FILE).exists():
-        return "done"
-    if (run_dir / "config.json").exists():
-        return "partial"
-    return "new"
-
-
 def check_same_config(point: Point, run_dir: Path) -> None:
     saved = json.loads((run_dir / "config.json").read_text())
     wanted = to_dict(point.config)
     for key in sorted(set(saved) | set(wanted)):
         if key in IGNORED_ON_RESUME:
             continue
+        if key == "dtype" and "auto" in (saved.get(key), wanted.get(key)):
+            continue  # a run saves the dtype `auto` chose where it started, and keeps it on any machine
         if saved.get(key) != wanted.get(key):
             raise ConfigError(
-                f"run {run_dir} has {key}={saved.get(key)!r} but the sweep now says {key}={wanted.get(key)!r}; "
-                "restore the sweep file or move that run away"
+                f"run {run_dir} has {key}={saved.get(key)!r} but the sweep now says {key}={wanted.get(key)!r}; restore the sweep file or move that run away"
             )
-
-
-@contextmanager
-def claim(run_dir: Path) -> Iterator[bool]:
-    """Hold an exclusive flock on the run while training it; yields False if someone else holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def write_sweep_record(sweep: Sweep) -> None:
@@ -291,14 +265,14 @@ def write_sweep_record(sweep: Sweep) -> None:
 
 def run_point(kind: Kind, point: Point, device: str | None, progress: bool) -> str:
     """Train (or resume) one point; returns 'done', 'skipped' (finished or held elsewhere) or 'failed'."""
-    run_dir = Path(str(getattr(point.config, "run_dir")))
-    if run_status(run_dir) == "done":
+    run_dir = Path(str(point.config.run_dir))
+    if RunDir(run_dir).status() == "done":
         check_same_config(point, run_dir)  # a finished run of another config must not pass for this one
         return "skipped"
-    with claim(run_dir) as mine:
+    with RunDir(run_dir).claim() as mine:
         if not mine:
             return "skipped"
-        status = run_status(run_dir)  # again, under the lock: another worker may have just finished it
+        status = RunDir(run_dir).status()  # again, under the lock: another worker may have just finished it
         if status == "done":
             return "skipped"
         start = time.time()
@@ -306,7 +280,7 @@ def run_point(kind: Kind, point: Point, device: str | None, progress: bool) -> s
             if status == "partial":
                 check_same_config(point, run_dir)
                 if device is not None:
-                    _set_device(run_dir, device)
+                    RunDir(run_dir).set_config_key("device", device)
                 kind.resume(run_dir, progress)
             else:
                 cfg = point.config
@@ -318,22 +292,8 @@ def run_point(kind: Kind, point: Point, device: str | None, progress: bool) -> s
         except Exception:  # one bad point (diverged to an exception, out of memory): record it, go on
             (run_dir / ERROR_FILE).write_text(traceback.format_exc())
             return "failed"
-        mark_done(run_dir, time.time() - start, resumed=status == "partial")
+        RunDir(run_dir).mark_done(time.time() - start, resumed=status == "partial")
         return "done"
-
-
-def mark_done(run_dir: Path, wall_s: float, resumed: bool) -> None:
-    """The done marker that makes every later sweep or launch skip the run; a stale error goes."""
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)
-    done = {"wall_s": wall_s, "resumed": resumed, "time": time.time()}
-    (run_dir / DONE_FILE).write_text(json.dumps(done) + "\n")
-
-
-def _set_device(run_dir: Path, device: str) -> None:
-    path = run_dir / "config.json"
-    saved = json.loads(path.read_text())
-    saved["device"] = device
-    path.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def run_worker(
@@ -352,7 +312,7 @@ def run_worker(
     for i, point in enumerate(sweep.points, 1):
         start = time.time()
         if budget_s and (outcome["done"] or outcome["failed"]) and start - t0 > budget_s:  # at least one run per call
-            if run_status(sweep.out / point.name) != "done":
+            if RunDir(sweep.out / point.name).status() != "done":
                 outcome["left"].append(point.name)
             continue
         result = run_point(kind, point, device, progress)
@@ -377,7 +337,7 @@ def run_sweep(sweep: Sweep, progress: bool = False, log: Callable[[str], None] =
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "left": []}
     for point in sweep.points:
         run_dir = sweep.out / point.name
-        status = "done" if run_status(run_dir) == "done" else "failed" if (run_dir / ERROR_FILE).exists() else "left"
+        status = "done" if RunDir(run_dir).status() == "done" else "failed" if (run_dir / ERROR_FILE).exists() else "left"
         outcome[status].append(point.name)
     if any(codes) and not outcome["failed"]:
         raise RuntimeError(f"sweep workers exited with codes {codes}")

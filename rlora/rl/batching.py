@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from rlora.types import Group, TrainBatch
+from rlora.rl.types import Group, TrainBatch
 
 
 def build_batch(groups: Sequence[Group], advantage_fn: Callable[[torch.Tensor], torch.Tensor], pad_id: int) -> TrainBatch | None:

@@ -42,11 +42,12 @@ import numpy as np
 from tqdm import tqdm
 
 import rewards
-from rlora.data import BENCHMARKS, DataError, Problem, load_benchmark
-from rlora.models import resolve_model
+from rlora.data import BENCHMARKS, DataError, Problem, load_benchmark, make_prompt
+from rlora.devices import resolve_device, resolve_dtype
+from rlora.engine.sampler import EngineSpec, Sampler
+from rlora.rl.types import Prompt, Sample, Tokenizer
 from rlora.runs import RunDir
-from rlora.sampler import EngineSpec, Sampler, resolve_device
-from rlora.types import Prompt, Sample
+from rlora.train.models import resolve_model
 
 BenchmarkMetrics = dict[str, object]  # scalar metrics plus `by_<meta key>` breakdowns, as written to results.json
 BREAKDOWNS = ("subject", "level")
@@ -104,9 +105,18 @@ class GradedCompletion:
 def grade_group(benchmark: str, problem: Problem, samples_K: Sequence[Sample]) -> list[GradedCompletion]:
     return [
         GradedCompletion(
-            benchmark, problem.problem_id, i, problem.task, problem.reference, dict(problem.meta), problem.question, s.text,
-            rewards.extract_answer(s.text, problem.task), rewards.grade(s.text, problem.reference, problem.task),
-            s.finish_reason, len(s.completion_ids),
+            benchmark,
+            problem.problem_id,
+            i,
+            problem.reward_task,
+            problem.reference,
+            dict(problem.meta),
+            problem.question,
+            s.text,
+            rewards.extract_answer(s.text, problem.reward_task),
+            rewards.grade(s.text, problem.reference, problem.reward_task),
+            s.finish_reason,
+            len(s.completion_ids),
         )
         for i, s in enumerate(samples_K)
     ]
@@ -179,7 +189,7 @@ def load_benchmarks(names: Sequence[str], limit: int = 0, data_dir: str = "") ->
         raise DataError(f"unknown benchmark {unknown[0] if unknown else '(none given)'!r}; known: {', '.join(BENCHMARKS)}")
     problems = {name: load_benchmark(name, data_dir, limit) for name in dict.fromkeys(names)}
     for name, ps in problems.items():
-        unscorable = [p.problem_id for p in ps if rewards.grade(f"The answer is \\boxed{{{p.reference}}}.", p.reference, p.task) != 1.0]
+        unscorable = [p.problem_id for p in ps if rewards.grade(f"The answer is \\boxed{{{p.reference}}}.", p.reference, p.reward_task) != 1.0]
         if unscorable:  # a grader/data mismatch: these problems score 0 whatever the policy writes
             print(f"warning: {name}: the grader rejects the gold answer itself on {len(unscorable)} problems, e.g. {unscorable[:3]}", file=sys.stderr)
     return problems
@@ -189,8 +199,7 @@ def parse_benchmarks(spec: str) -> list[str]:
     return [b.strip() for b in spec.split(",") if b.strip()]
 
 
-def _prompts(problems: Sequence[Problem], tokenizer: object) -> list[Prompt]:
-    from rlora.rl import make_prompt  # imported here: rlora.rl imports this module
+def _prompts(problems: Sequence[Problem], tokenizer: Tokenizer) -> list[Prompt]:
 
     return [make_prompt(p, tokenizer) for p in problems]
 
@@ -243,8 +252,11 @@ def evaluate_problems(
                 bar.update(1)
             sample_s, grade_s = sample_s + t1 - t0, grade_s + time.perf_counter() - t1
         timings[bench] = {
-            "sample_s": sample_s, "grade_s": grade_s, "completion_tokens": tokens,
-            "problems_per_min": 60 * len(problems) / (sample_s + grade_s), "tokens_per_s": tokens / sample_s,
+            "sample_s": sample_s,
+            "grade_s": grade_s,
+            "completion_tokens": tokens,
+            "problems_per_min": 60 * len(problems) / (sample_s + grade_s),
+            "tokens_per_s": tokens / sample_s,
         }
     bar.close()
     results = {
@@ -286,9 +298,11 @@ def eval_policy(sampler: Sampler, problems_by_bench: Mapping[str, Sequence[Probl
     start = time.perf_counter()
     results = evaluate_problems(sampler, problems_by_bench, 1, 0.0, max_tokens, out_dir, {"periodic": True}, progress=False)
     row: dict[str, float | None] = {}
-    for bench, metrics in results["benchmarks"].items():  # type: ignore[union-attr]
+    benchmarks = results["benchmarks"]
+    assert isinstance(benchmarks, dict)
+    for bench, metrics in benchmarks.items():
         for key in ("avg@1", "avg@1_se", *EVAL_KEYS):
-            row[f"eval/{bench}/{key}"] = metrics[key]  # type: ignore[assignment]
+            row[f"eval/{bench}/{key}"] = metrics[key]
     row["eval_s"] = time.perf_counter() - start
     return row
 
@@ -333,7 +347,8 @@ def write_outputs(out_dir: Path, results: Mapping[str, object], completions: Seq
             f.write(json.dumps(asdict(c)) + "\n")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     settings = results["settings"]
-    header = "# Evaluation\n\n" + "".join(f"- {k}: {v}\n" for k, v in settings.items()) + "\n"  # type: ignore[union-attr]
+    assert isinstance(settings, dict)
+    header = "# Evaluation\n\n" + "".join(f"- {k}: {v}\n" for k, v in settings.items()) + "\n"
     (out_dir / "results.md").write_text(header + markdown(results))
 
 
@@ -370,14 +385,12 @@ def policy_from_checkpoint(ckpt: Path, model: str | None, dtype: str | None) -> 
     config_path = ckpt.parent.parent / "config.json"
     config: dict[str, object] = json.loads(config_path.read_text()) if config_path.exists() else {}
     model = model or str(config.get("model") or "default")
-    dtype = dtype or str(config.get("dtype") or "bfloat16")
+    dtype = dtype or str(config.get("dtype") or "auto")
     if (ckpt / "adapter").is_dir():
         return Policy(model, dtype, ckpt / "adapter", check_adapter(ckpt / "adapter"), label=str(ckpt))
     if config.get("rank") == "full":
         return Policy(model, dtype, weights=ckpt / "trainable.pt", label=str(ckpt))
-    raise FileNotFoundError(
-        f"checkpoint {ckpt} has no adapter/ and {config_path} does not say rank 'full': cannot tell LoRA from FullFT"
-    )
+    raise FileNotFoundError(f"checkpoint {ckpt} has no adapter/ and {config_path} does not say rank 'full': cannot tell LoRA from FullFT")
 
 
 def resolve_policy(model: str | None, adapter: str | None, checkpoint: str | None, run: str | None, step: int | None, dtype: str | None) -> Policy:
@@ -399,8 +412,8 @@ def resolve_policy(model: str | None, adapter: str | None, checkpoint: str | Non
     if checkpoint is not None:
         return policy_from_checkpoint(Path(checkpoint), model, dtype)
     if adapter is not None:
-        return Policy(model or "default", dtype or "bfloat16", Path(adapter), check_adapter(Path(adapter)), label=adapter)
-    return Policy(model or "default", dtype or "bfloat16", label=model or "default")
+        return Policy(model or "default", dtype or "auto", Path(adapter), check_adapter(Path(adapter)), label=adapter)
+    return Policy(model or "default", dtype or "auto", label=model or "default")
 
 
 @dataclass(frozen=True)
@@ -439,12 +452,22 @@ def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
     longest = max(len(p.prompt_ids) for ps in problems.values() for p in _prompts(ps, tokenizer))
     req.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(req.device).split(":")[0]
+    dtype, _ = resolve_dtype(req.policy.dtype, device)  # auto: bfloat16 where native, else float32
 
     start = time.perf_counter()
-    sampler = Sampler(EngineSpec(
-        model_path, device, req.policy.dtype, req.policy.adapter_rank or None, req.kv_cache_gib, req.gpu_memory_utilization,
-        longest + req.max_tokens, req.max_num_seqs, req.seed,
-    ))
+    sampler = Sampler(
+        EngineSpec(
+            model_path=model_path,
+            device=device,
+            dtype=dtype,
+            lora_rank=req.policy.adapter_rank or None,
+            kv_cache_gib=req.kv_cache_gib,
+            gpu_memory_utilization=req.gpu_memory_utilization,
+            max_model_len=longest + req.max_tokens,
+            max_num_seqs=req.max_num_seqs,
+            seed=req.seed,
+        )
+    )
     try:
         if req.policy.adapter is not None:
             adapter = req.policy.adapter
@@ -456,9 +479,16 @@ def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
             sampler.load_weights(weights.items(), version=0)
         runtime = {"engine_ready_s": time.perf_counter() - start}
         settings = {
-            "model": req.policy.model, "model_path": model_path, "policy": req.policy.label, "dtype": req.policy.dtype,
-            "adapter_rank": req.policy.adapter_rank, "full_weights": req.policy.weights is not None,
-            "benchmarks": list(req.benchmarks), "limit": req.limit, "data_dir": req.data_dir, "seed": req.seed,
+            "model": req.policy.model,
+            "model_path": model_path,
+            "policy": req.policy.label,
+            "dtype": dtype,
+            "adapter_rank": req.policy.adapter_rank,
+            "full_weights": req.policy.weights is not None,
+            "benchmarks": list(req.benchmarks),
+            "limit": req.limit,
+            "data_dir": req.data_dir,
+            "seed": req.seed,
             "device": device,
         }
         return evaluate_problems(sampler, problems, req.samples, req.temperature, req.max_tokens, req.out, settings, progress, runtime)

@@ -37,7 +37,7 @@ from rlora.config import ConfigError
 
 if TYPE_CHECKING:
     from rlora.config import RLConfig
-    from rlora.distributed import World
+    from rlora.train.distributed import World
 
 PLACEMENTS = ("colocate", "split", "sleep")
 
@@ -54,8 +54,14 @@ class Placement:
 
 
 def plan_placement(
-    placement: str, tensor_parallel_size: int, world_size: int, local_rank: int, local_world_size: int,
-    device: str, gpu_count: int, cpu_cores: tuple[int, ...],
+    placement: str,
+    tensor_parallel_size: int,
+    world_size: int,
+    local_rank: int,
+    local_world_size: int,
+    device: str,
+    gpu_count: int,
+    cpu_cores: tuple[int, ...],
 ) -> Placement:
     """Devices for the learner process `local_rank` of `local_world_size` (of `world_size` in all).
 
@@ -120,6 +126,12 @@ def placement_for(cfg: RLConfig, device: str, world: World) -> Placement:
 
     gpu_count = torch.cuda.device_count() if device.startswith("cuda") else 0
     return plan_placement(
-        cfg.placement, cfg.tensor_parallel_size, world.size, world.local_rank, world.local_size,
-        device, gpu_count, tuple(sorted(os.sched_getaffinity(0))),
+        cfg.placement,
+        cfg.tensor_parallel_size,
+        world.size,
+        world.local_rank,
+        world.local_size,
+        device,
+        gpu_count,
+        tuple(sorted(os.sched_getaffinity(0))),
     )

@@ -102,6 +102,7 @@ NEVER_WRAP: tuple[str, ...] = ("lm_head",)
 
 # ----------------------------------------------------------------------------- alpha rules
 
+
 def alpha_constant(rank: int, c: float) -> float:
     """alpha = c: scale = c / r, the blog's rule (early updates independent of rank)."""
     return float(c)
@@ -133,9 +134,8 @@ ALPHA_DEFAULT_C: dict[str, float] = {
 
 # ----------------------------------------------------------------------------- inits
 
-def init_default(
-    d_in: int, d_out: int, rank: int, init_scale: float, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+
+def init_default(d_in: int, d_out: int, rank: int, init_scale: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A ~ U(-b, b), b = init_scale / sqrt(d_in); B = 0 (PEFT's default at init_scale 1)."""
     bound = init_scale / math.sqrt(d_in)
     device = generator.device if generator is not None else torch.device("cpu")
@@ -144,9 +144,7 @@ def init_default(
     return A_r_i, B_o_r
 
 
-def init_gaussian(
-    d_in: int, d_out: int, rank: int, init_scale: float, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def init_gaussian(d_in: int, d_out: int, rank: int, init_scale: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A ~ N(0, (init_scale / sqrt(d_in))^2); B = 0."""
     std = init_scale / math.sqrt(d_in)
     device = generator.device if generator is not None else torch.device("cpu")
@@ -155,9 +153,7 @@ def init_gaussian(
     return A_r_i, B_o_r
 
 
-def init_gaussian_ab(
-    d_in: int, d_out: int, rank: int, init_scale: float, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def init_gaussian_ab(d_in: int, d_out: int, rank: int, init_scale: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A ~ N(0, (init_scale / sqrt(d_in))^2), B ~ N(0, (init_scale / sqrt(r))^2): starts off the base."""
     A_r_i, B_o_r = init_gaussian(d_in, d_out, rank, init_scale, generator)
     B_o_r.normal_(0.0, init_scale / math.sqrt(rank), generator=generator)
@@ -174,7 +170,8 @@ INITS: dict[str, Callable[[int, int, int, float, torch.Generator | None], tuple[
 
 # ----------------------------------------------------------------------------- spec
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class LoRASpec:
     """What a LoRA adapter is: its rank, how alpha follows the rank, its init and where it goes."""
 
@@ -222,6 +219,7 @@ def lora_scale(spec: LoRASpec) -> float:
 
 # ----------------------------------------------------------------------------- the layer
 
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear `base` plus scale * B A, with A (r, d_in) and B (d_out, r) in float32."""
 
@@ -265,11 +263,7 @@ def _wrap(model: nn.Module, spec: LoRASpec) -> list[str]:
     """Replace each target nn.Linear by a LoRALinear with zero A and B; freeze everything else."""
     if lora_modules(model):
         raise ValueError(f"model already has LoRA layers; apply_lora runs once per model (spec {spec})")
-    names = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and _matches(name, spec.targets) and name.split(".")[-1] not in NEVER_WRAP
-    ]
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(name, spec.targets) and name.split(".")[-1] not in NEVER_WRAP]
     if not names:
         raise ValueError(f"no nn.Linear module name ends with any of {spec.targets} (spec {spec})")
     model.requires_grad_(False)
@@ -313,6 +307,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- export
+
 
 def _spec_to_json(spec: LoRASpec) -> str:
     return json.dumps(dataclasses.asdict(spec))
@@ -371,9 +366,7 @@ def _swap_dirs(new: Path, old: Path) -> None:
     os.rename(aside, new)
 
 
-def save_peft_adapter(
-    model: nn.Module, spec: LoRASpec, out_dir: str | Path, base_model: str, dtype: torch.dtype = torch.float32
-) -> Path:
+def save_peft_adapter(model: nn.Module, spec: LoRASpec, out_dir: str | Path, base_model: str, dtype: torch.dtype = torch.float32) -> Path:
     """Write the model's LoRA weights as a PEFT adapter directory; return its path.
 
     The files go to a fresh directory beside `out_dir`, which then replaces `out_dir` in one
@@ -423,9 +416,9 @@ def _spec_from_peft_config(config: dict[str, object], module_names: list[str], c
     for key, unused in UNSUPPORTED_PEFT_FIELDS.items():
         value = config.get(key, unused)
         if value not in (unused, None, False, {}, []):
-            raise ValueError(f"{config_path}: {key}={value!r} is not supported by rlora.lora")
+            raise ValueError(f"{config_path}: {key}={value!r} is not supported by rlora.train.lora")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{config_path}: bias={config['bias']!r} is not supported by rlora.lora (only 'none')")
+        raise ValueError(f"{config_path}: bias={config['bias']!r} is not supported by rlora.train.lora (only 'none')")
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise ValueError(f"{config_path}: missing {key!r}")
@@ -435,7 +428,9 @@ def _spec_from_peft_config(config: dict[str, object], module_names: list[str], c
         targets = sorted({name.split(".")[-1] for name in module_names})
     # With use_rslora PEFT's scale is lora_alpha / sqrt(r): our "sqrt" rule with c = lora_alpha.
     rule = "sqrt" if config.get("use_rslora", False) else "constant"
-    return LoRASpec(rank=int(config["r"]), alpha_rule=rule, alpha_c=float(config["lora_alpha"]), targets=tuple(targets))
+    r, lora_alpha = config["r"], config["lora_alpha"]
+    assert isinstance(r, int) and isinstance(lora_alpha, (int, float)), f"adapter_config.json: r={r!r}, lora_alpha={lora_alpha!r}"
+    return LoRASpec(rank=r, alpha_rule=rule, alpha_c=float(lora_alpha), targets=tuple(targets))
 
 
 def _module_name(key: str, weights_path: Path) -> tuple[str, str]:
