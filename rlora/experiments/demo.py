@@ -17,7 +17,7 @@ from rlora.experiments.plots import plot_metric
 from rlora.rl.loop import resume_rl, run_rl
 from rlora.runs import RunDir
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # rlora/experiments/demo.py -> the checkout
 ARMS = {"lora_r1": "rl_cpu_demo_lora_r1.yaml", "full": "rl_cpu_demo_full.yaml"}
 
 
