@@ -226,3 +226,29 @@ def test_signed_numbers_never_print_minus_zero():
     from rlora.experiments.analyze import signed
 
     assert signed(-0.001) == "+0.00" and signed(-0.0) == "+0.00" and signed(-0.5) == "-0.50" and signed(0.25) == "+0.25"
+
+
+def test_harmless_vllm_warnings_are_dropped_and_others_kept():
+    import logging
+
+    from rlora.engine.sampler import HARMLESS_VLLM_WARNINGS, drop_harmless_vllm_warnings
+
+    logger = logging.getLogger("vllm")
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        drop_harmless_vllm_warnings()
+        drop_harmless_vllm_warnings()  # idempotent
+        child = logging.getLogger("vllm.v1.worker.cpu_worker")
+        child.warning("CPU backend %s, skip it.", "doesn't allow to use `torch.set_num_threads` after the thread binding")
+        child.warning("KV cache is full")
+        assert records == ["KV cache is full"] and len(HARMLESS_VLLM_WARNINGS) == 2
+        assert sum(1 for f in handler.filters) == 1
+    finally:
+        logger.removeHandler(handler)

@@ -93,6 +93,29 @@ def quiet_vllm() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
+# vLLM warnings that say nothing about the run (each checked against vLLM 0.32's source):
+# - an in-process CPU engine replaces torch.set_num_threads by a warning, repeated whenever a
+#   library calls it, although the learner's thread count was set before the engine started;
+# - every new adapter warns that per-LoRA tokenizers are deprecated (rlora's adapters have none).
+HARMLESS_VLLM_WARNINGS = (
+    "doesn't allow to use `torch.set_num_threads` after the thread binding",
+    "deprecated support for supporting different tokenizers for different LoRAs",
+)
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(note in message for note in HARMLESS_VLLM_WARNINGS)
+
+
+def drop_harmless_vllm_warnings() -> None:
+    """After vLLM is imported: its handlers skip HARMLESS_VLLM_WARNINGS (once per handler)."""
+    for handler in logging.getLogger("vllm").handlers:
+        if not any(isinstance(f, _DropHarmless) for f in handler.filters):
+            handler.addFilter(_DropHarmless())
+
+
 class _DropCastNotes(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Attempted to load weight")
@@ -184,6 +207,8 @@ class Sampler:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", spec.cpu_threads_bind)
         quiet_vllm()
         from vllm import LLM
+
+        drop_harmless_vllm_warnings()
 
         kwargs: dict[str, object] = dict(
             model=spec.model_path,

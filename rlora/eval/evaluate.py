@@ -85,7 +85,7 @@ def pass_ks(samples: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class GradedCompletion:
+class ScoredCompletion:
     """One completion with its grade: a row of completions.jsonl."""
 
     benchmark: str
@@ -102,9 +102,9 @@ class GradedCompletion:
     num_tokens: int
 
 
-def grade_group(benchmark: str, problem: Problem, samples_K: Sequence[Sample]) -> list[GradedCompletion]:
+def score_samples(benchmark: str, problem: Problem, samples_K: Sequence[Sample]) -> list[ScoredCompletion]:
     return [
-        GradedCompletion(
+        ScoredCompletion(
             benchmark,
             problem.problem_id,
             i,
@@ -122,7 +122,7 @@ def grade_group(benchmark: str, problem: Problem, samples_K: Sequence[Sample]) -
     ]
 
 
-def _metrics(groups: Sequence[Sequence[GradedCompletion]]) -> dict[str, float | None]:
+def _metrics(groups: Sequence[Sequence[ScoredCompletion]]) -> dict[str, float | None]:
     scores_P_K = [[g.score for g in group] for group in groups]
     samples = len(scores_P_K[0])
     avg, se = avg_at_k(scores_P_K)
@@ -132,9 +132,9 @@ def _metrics(groups: Sequence[Sequence[GradedCompletion]]) -> dict[str, float | 
     return out
 
 
-def summarize(completions: Sequence[GradedCompletion]) -> dict[str, BenchmarkMetrics]:
+def summarize(completions: Sequence[ScoredCompletion]) -> dict[str, BenchmarkMetrics]:
     """Per-benchmark metrics from graded completions (in any order; K must be equal per benchmark)."""
-    by_bench: dict[str, dict[str, list[GradedCompletion]]] = {}
+    by_bench: dict[str, dict[str, list[ScoredCompletion]]] = {}
     for c in completions:
         by_bench.setdefault(c.benchmark, {}).setdefault(c.problem_id, []).append(c)
     results: dict[str, BenchmarkMetrics] = {}
@@ -157,11 +157,11 @@ def summarize(completions: Sequence[GradedCompletion]) -> dict[str, BenchmarkMet
     return results
 
 
-def read_completions(path: str | Path) -> list[GradedCompletion]:
+def read_completions(path: str | Path) -> list[ScoredCompletion]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"completions file {path} does not exist")
-    return [GradedCompletion(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [ScoredCompletion(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def recompute(path: str | Path, regrade: bool = False) -> dict[str, BenchmarkMetrics]:
@@ -169,7 +169,7 @@ def recompute(path: str | Path, regrade: bool = False) -> dict[str, BenchmarkMet
     completions = read_completions(path)
     if regrade:
         completions = [
-            GradedCompletion(**{**asdict(c), "answer": rewards.extract_answer(c.completion, c.task), "score": rewards.grade(c.completion, c.reference, c.task)})
+            ScoredCompletion(**{**asdict(c), "answer": rewards.extract_answer(c.completion, c.task), "score": rewards.grade(c.completion, c.reference, c.task)})
             for c in completions
         ]
     return summarize(completions)
@@ -235,7 +235,7 @@ def evaluate_problems(
     for bench, prompts in prompts_by_bench.items():
         check_lengths(bench, prompts, max_tokens, sampler.spec.max_model_len)
     chunk = max(1, sampler.spec.max_num_seqs // samples)
-    completions: list[GradedCompletion] = []
+    completions: list[ScoredCompletion] = []
     timings: dict[str, object] = dict(runtime or {})
     bar = tqdm(total=sum(len(p) for p in problems_by_bench.values()), unit="problem", disable=not progress, file=sys.stderr)
     for bench, problems in problems_by_bench.items():
@@ -246,7 +246,7 @@ def evaluate_problems(
             groups_P_K = sampler.sample(prompts[start : start + chunk], samples, max_tokens, temperature)
             t1 = time.perf_counter()
             for problem, samples_K in zip(problems[start : start + chunk], groups_P_K):
-                graded = grade_group(bench, problem, samples_K)
+                graded = score_samples(bench, problem, samples_K)
                 completions.extend(graded)
                 tokens += sum(g.num_tokens for g in graded)
                 bar.update(1)
@@ -340,7 +340,7 @@ def markdown(results: Mapping[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out_dir: Path, results: Mapping[str, object], completions: Sequence[GradedCompletion]) -> None:
+def write_outputs(out_dir: Path, results: Mapping[str, object], completions: Sequence[ScoredCompletion]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "completions.jsonl").open("w") as f:
         for c in completions:

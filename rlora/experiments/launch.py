@@ -124,7 +124,9 @@ class Run:
 
 
 @dataclass(frozen=True)
-class Placement:
+class Assignment:
+    """Where the dry run puts one run: its GPUs and its wave."""
+
     run: Run
     gpus: tuple[int, ...]
     wave: int  # in the dry run: wave k starts when wave k-1 has ended (equal run times assumed)
@@ -186,17 +188,17 @@ def assign(waiting: Sequence[Run], load: Mapping[int, int], node: Node) -> list[
     return started
 
 
-def place(runs: Sequence[Run], node: Node) -> tuple[Placement, ...]:
+def place(runs: Sequence[Run], node: Node) -> tuple[Assignment, ...]:
     """The dry run: `assign` on an idle node, wave after wave, until every run has GPUs."""
     check_fits(runs, node)
     waiting = list(runs)
-    placements: list[Placement] = []
+    placements: list[Assignment] = []
     wave = 0
     while waiting:
         started = assign(waiting, {g: 0 for g in node.gpus}, node)
         assert started, "an idle node must start some run (check_fits passed)"
         for run, gpus in started:
-            placements.append(Placement(run, gpus, wave))
+            placements.append(Assignment(run, gpus, wave))
             waiting.remove(run)
         wave += 1
     return tuple(placements)
