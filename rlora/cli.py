@@ -99,16 +99,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     policy = resolve_policy(args.model, args.adapter, args.checkpoint, args.run, args.step, args.dtype)
     req = EvalRequest(
-        policy,
-        tuple(parse_benchmarks(args.benchmarks)),
-        args.samples,
-        args.temperature,
-        args.max_tokens,
-        args.limit,
-        args.data_dir,
-        Path(args.out),
-        args.device,
-        args.kv_cache_gib,
+        policy=policy,
+        benchmarks=tuple(parse_benchmarks(args.benchmarks)),
+        samples=args.samples,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        limit=args.limit,
+        data_dir=args.data_dir,
+        out=Path(args.out),
+        device=args.device,
+        kv_cache_gib=args.kv_cache_gib,
         max_num_seqs=args.max_num_seqs,
         seed=args.seed,
     )

@@ -211,7 +211,7 @@ def test_eval_errors_before_any_engine(extra, error, tmp_path, no_engine, capsys
 
 
 def test_run_eval_checks_benchmarks_first(no_engine, tmp_path):
-    req = EvalRequest(resolve_policy("/nonexistent/model", None, None, None, None, None), ("aime26",), out=tmp_path)
+    req = EvalRequest(policy=resolve_policy("/nonexistent/model", None, None, None, None, None), benchmarks=("aime26",), out=tmp_path)
     with pytest.raises(DataError, match="aime26"):
         run_eval(req)
 
@@ -343,8 +343,8 @@ def test_rl_periodic_eval_and_checkpoint_eval(rank, tmp_path):
     policy = resolve_policy(None, None, None, str(run_dir), 1, None)
     assert (policy.adapter is None) == (rank == "full")
     req = EvalRequest(
-        policy,
-        ("gsm8k", "math500"),
+        policy=policy,
+        benchmarks=("gsm8k", "math500"),
         samples=1,
         temperature=0.0,
         max_tokens=12,

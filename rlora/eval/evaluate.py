@@ -416,7 +416,7 @@ def resolve_policy(model: str | None, adapter: str | None, checkpoint: str | Non
     return Policy(model or "default", dtype or "auto", label=model or "default")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalRequest:
     """Everything `rlora eval` was asked to do, checked by `run_eval` before any engine starts."""
 
