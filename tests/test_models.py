@@ -69,6 +69,21 @@ def test_a_failed_conversion_leaves_nothing_and_the_next_fetch_succeeds(tmp_path
     def works(out: Path, say) -> None:
         (out / "model.safetensors").write_bytes(b"w")
         (out / "tokenizer.json").write_text("{}")
+        (out / "config.json").write_text('{"model_type": "llama"}')
 
     monkeypatch.setattr(models, "download_and_convert", works)
     assert models.is_converted(models.fetch_default_model(quiet=True))
+
+
+def test_an_incomplete_conversion_is_never_put_in_place(tmp_path, monkeypatch):
+    """A converter that writes only a tokenizer (what transformers' save_pretrained did on a
+    torchrun rank > 0) must fail loudly and leave no model folder for other ranks to read."""
+    monkeypatch.setenv("RLORA_HOME", str(tmp_path / "home"))
+
+    def tokenizer_only(out: Path, say: object) -> None:
+        (out / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(models, "download_and_convert", tokenizer_only)
+    with pytest.raises(RuntimeError, match="incomplete folder"):
+        models.fetch_default_model(quiet=True)
+    assert not models.default_model_dir().exists()

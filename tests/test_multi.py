@@ -144,6 +144,7 @@ TINY = {"prompts_per_step": 2, "group_size": 4, "max_tokens": 16, "kv_cache_gib"
 ROW_KEYS = {
     "step",
     "reward_mean",
+    "cut_at_max_tokens",
     "signal_groups",
     "loss",
     "grad_norm",

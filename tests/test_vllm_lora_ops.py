@@ -508,7 +508,8 @@ def test_plugin_active_in_separate_engine_process(tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(CHILD_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "RLORA_FAST_LORA"}
-    env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # INFO: the plugin announces the wrapper it installs at INFO (rlora runs keep vLLM at WARNING)
+    env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     proc = subprocess.run(
         [sys.executable, str(script), model_path, str(tmp_path / "adapter")],
         capture_output=True,

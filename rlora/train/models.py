@@ -76,6 +76,8 @@ def fetch_default_model(force: bool = False, quiet: bool = False) -> Path:
         staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
             download_and_convert(staging, say)
+            if not is_converted(staging):
+                raise RuntimeError(f"conversion left an incomplete folder {staging}: {sorted(p.name for p in staging.iterdir())}")
             shutil.rmtree(out, ignore_errors=True)
             staging.rename(out)  # atomic: a crash mid-conversion never leaves a half folder in place
         finally:
@@ -84,7 +86,7 @@ def fetch_default_model(force: bool = False, quiet: bool = False) -> Path:
 
 
 def is_converted(folder: Path) -> bool:
-    return (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+    return all((folder / name).exists() for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
 def download_and_convert(out: Path, say: Callable[..., None]) -> None:
@@ -125,7 +127,18 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    # Not model.save_pretrained: once torch.distributed is initialised (torchrun), transformers
+    # writes weights and config on rank 0 only, and a rank > 0 that converts (it may take the
+    # lock first) left a folder with a tokenizer and no model. The weights are written here in
+    # transformers' layout (a tied lm_head is stored once, as the embedding).
+    from safetensors.torch import save_file
+
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]  # what save_pretrained records; vLLM picks its model class by it
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if tokenizer.chat_template is None:
         raise RuntimeError(f"{gguf_path} carries no chat template")
