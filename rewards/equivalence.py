@@ -40,12 +40,13 @@ from fractions import Fraction
 from rewards import _limits
 from rewards.normalize import (
     MAX_DEPTH,
-    BaseNumber,
     Bag,
+    BaseNumber,
     Bomb,
     Chain,
     Choice,
     Equation,
+    Labelled,
     Matrix,
     Node,
     Scalar,
@@ -93,8 +94,22 @@ _GRADER_RE = re.compile(
 
 # Every branch of _GRADER_RE contains one of these (lower-case) words; the regex only runs
 # around them, which keeps a 400k-character response at about a millisecond.
-_GRADER_TRIGGERS = ("grader", "grading", "graded", "verifier", "evaluator", "reward", "checker", "judge",
-                    "mark", "ignore", "credit", "score", "as correct", "as right")
+_GRADER_TRIGGERS = (
+    "grader",
+    "grading",
+    "graded",
+    "verifier",
+    "evaluator",
+    "reward",
+    "checker",
+    "judge",
+    "mark",
+    "ignore",
+    "credit",
+    "score",
+    "as correct",
+    "as right",
+)
 _MAX_TRIGGER_WINDOWS = 64
 
 
@@ -131,9 +146,13 @@ def exact(node: Node) -> Fraction | None:
         func = {"abs": abs, "floor": math.floor, "ceil": math.ceil}.get(node[1])
         return Fraction(func(arg)) if func and arg is not None else None
     args = [exact(c) if isinstance(c, tuple) else None for c in node[1:]]
-    if head == "^" and args[1] is not None and abs(args[1]) > MAX_EXPONENT:
-        if args[0] is None or abs(args[0]) not in (0, 1):
-            raise Bomb("exponent too large")  # x^{99999999} is no answer either
+    if (
+        head == "^"
+        and args[1] is not None
+        and abs(args[1]) > MAX_EXPONENT
+        and (args[0] is None or abs(args[0]) not in (0, 1))
+    ):
+        raise Bomb("exponent too large")  # x^{99999999} is no answer either
     if any(a is None for a in args):
         return None
     if head == "+":
@@ -217,16 +236,30 @@ def _init_funcs() -> None:
             if abs(z.imag) > 1e-12:
                 raise _Undefined
             return complex(f(z.real))
+
         return g
 
-    _CMATH_FUNCS.update({
-        "sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan,
-        "cot": lambda z: 1 / cmath.tan(z), "sec": lambda z: 1 / cmath.cos(z),
-        "csc": lambda z: 1 / cmath.sin(z), "arcsin": cmath.asin, "arccos": cmath.acos,
-        "arctan": cmath.atan, "sinh": cmath.sinh, "cosh": cmath.cosh, "tanh": cmath.tanh,
-        "ln": cmath.log, "exp": cmath.exp, "abs": lambda z: complex(abs(z)),
-        "floor": real_only(math.floor), "ceil": real_only(math.ceil),
-    })
+    _CMATH_FUNCS.update(
+        {
+            "sin": cmath.sin,
+            "cos": cmath.cos,
+            "tan": cmath.tan,
+            "cot": lambda z: 1 / cmath.tan(z),
+            "sec": lambda z: 1 / cmath.cos(z),
+            "csc": lambda z: 1 / cmath.sin(z),
+            "arcsin": cmath.asin,
+            "arccos": cmath.acos,
+            "arctan": cmath.atan,
+            "sinh": cmath.sinh,
+            "cosh": cmath.cosh,
+            "tanh": cmath.tanh,
+            "ln": cmath.log,
+            "exp": cmath.exp,
+            "abs": lambda z: complex(abs(z)),
+            "floor": real_only(math.floor),
+            "ceil": real_only(math.ceil),
+        }
+    )
 
 
 _init_funcs()
@@ -382,7 +415,13 @@ def _eq_scalar(g: Scalar, p: Value, deadline: float) -> bool:
     return False
 
 
+def _in_order(gold: tuple[Value, ...], pred: tuple[Value, ...], deadline: float) -> bool:
+    return len(gold) == len(pred) and all(values_equal(a, b, deadline) for a, b in zip(gold, pred))
+
+
 def _eq_seq(g: Seq, p: Value, deadline: float) -> bool:
+    if isinstance(p, Labelled) and g.open != ":":
+        return _in_order(g.items, p.items, deadline)  # (p, q) = (3, 2) written as p = 3, q = 2
     if isinstance(p, Matrix):
         return _eq_matrix(Matrix(tuple((item,) for item in g.items)), p, deadline)
     if not isinstance(p, Seq) or (g.open, g.close) != (p.open, p.close) or len(g.items) != len(p.items):
@@ -404,10 +443,20 @@ def _match_unordered(gold: tuple[Value, ...], pred: tuple[Value, ...], deadline:
 
 
 def _eq_bag(g: Bag, p: Value, deadline: float) -> bool:
-    if isinstance(p, Bag):
+    if isinstance(p, (Bag, Labelled)):  # x_1 = 2, x_2 = 3 for the solutions 2, 3
         return _match_unordered(g.items, p.items, deadline)
     if len(g.items) == 1:
         return values_equal(g.items[0], p, deadline)
+    return False
+
+
+def _eq_labelled(g: Labelled, p: Value, deadline: float) -> bool:
+    """By label when both name the same things; otherwise the values in the gold's order."""
+    if isinstance(p, Labelled) and sorted(p.labels) == sorted(g.labels):
+        by_label = dict(zip(p.labels, p.items))
+        return all(values_equal(item, by_label[label], deadline) for label, item in zip(g.labels, g.items))
+    if isinstance(p, Labelled) or (isinstance(p, Bag) and not p.braces) or (isinstance(p, Seq) and p.open != ":"):
+        return _in_order(g.items, p.items, deadline)
     return False
 
 
@@ -421,15 +470,11 @@ def _eq_matrix(g: Matrix, p: Value, deadline: float) -> bool:
     if isinstance(p, Seq):
         if p.open == "(" and p.close == ")" and 1 in (len(g.rows), len(g.rows[0])):
             flat = tuple(item for row in g.rows for item in row)
-            return len(flat) == len(p.items) and all(
-                values_equal(a, b, deadline) for a, b in zip(flat, p.items)
-            )
+            return len(flat) == len(p.items) and all(values_equal(a, b, deadline) for a, b in zip(flat, p.items))
         return False
     if not isinstance(p, Matrix) or len(g.rows) != len(p.rows) or len(g.rows[0]) != len(p.rows[0]):
         return False
-    return all(
-        values_equal(a, b, deadline) for ga, pa in zip(g.rows, p.rows) for a, b in zip(ga, pa)
-    )
+    return all(values_equal(a, b, deadline) for ga, pa in zip(g.rows, p.rows) for a, b in zip(ga, pa))
 
 
 def _eq_equation(g: Equation, p: Value, deadline: float) -> bool:
@@ -485,6 +530,7 @@ COMPARATORS: dict[type, Callable[[Value, Value, float], bool]] = {
     Scalar: _eq_scalar,
     Seq: _eq_seq,
     Bag: _eq_bag,
+    Labelled: _eq_labelled,
     Union: _eq_union,
     Matrix: _eq_matrix,
     Equation: _eq_equation,
@@ -530,6 +576,22 @@ def _hedged(answer: str, gold: str, gold_value: Value) -> bool:
     return False
 
 
+def join_parts(answers: list[str], gold: str) -> str | None:
+    """Several final answers as one, when the gold has several parts (`\\boxed{-2}`, `\\boxed{1}`
+    for `1, -2`); None when the gold is a single value (several answers are then a hedge)."""
+    if len(answers) < 2 or not all(a.strip() for a in answers):
+        return None
+    try:
+        value = parse_answer(gold)
+    except (Bomb, RecursionError, ValueError):
+        return None
+    if isinstance(value, (Bag, Labelled)) and len(value.items) > 1:
+        return ", ".join(answers)
+    if isinstance(value, Seq) and value.open != ":" and len(value.items) == len(answers):
+        return value.open + ", ".join(answers) + value.close
+    return None
+
+
 def verify(answer: str, gold: str, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
     """True if the already-extracted `answer` means the same as `gold`. Never raises.
 
@@ -552,8 +614,17 @@ def verify(answer: str, gold: str, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
                     _cache.clear()
                 _cache[key] = result
         return result
-    except (Bomb, RecursionError, MemoryError, ArithmeticError, ValueError, TypeError, KeyError,
-            IndexError, AttributeError):
+    except (
+        Bomb,
+        RecursionError,
+        MemoryError,
+        ArithmeticError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+    ):
         return False
 
 

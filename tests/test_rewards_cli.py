@@ -30,7 +30,16 @@ def test_import_pulls_in_no_heavy_modules() -> None:
 
 
 def test_public_api_is_short() -> None:
-    assert rewards.__all__ == ["grade", "verify", "extract_answer", "grade_batch", "TASKS"]
+    assert rewards.__all__ == [
+        "grade",
+        "verify",
+        "extract_answer",
+        "grade_batch",
+        "TASKS",
+        "POLICIES",
+        "POLICY_VERSION",
+        "describe_policy",
+    ]
 
 
 def test_check_prints_score_and_extraction() -> None:
