@@ -567,8 +567,15 @@ def _too_deep(s: str) -> bool:
     return False
 
 
+def _several(value: Value) -> bool:
+    """A gold of several values (solutions, named values): `\\pm` and "or" may enumerate them."""
+    return isinstance(value, (Bag, Labelled)) and len(value.items) > 1
+
+
 def _hedged(answer: str, gold: str, gold_value: Value) -> bool:
     """`\\pm 3` for 3, `2 or 3`: answers that offer several values where the gold has one."""
+    if _several(gold_value):
+        return False
     if _PM_RE.search(answer) and not _PM_RE.search(gold):
         return True
     if _OR_RE.search(answer) and not _OR_RE.search(gold):
@@ -641,4 +648,6 @@ def _verify(answer: str, gold: str, deadline: float) -> bool:
         return False
     if clean_answer == clean_gold:
         return True
+    if _several(gold_value) and _OR_RE.search(answer):
+        answer = _OR_RE.sub(",", answer)  # x = 1 or x = -2: the solutions 1, -2
     return values_equal(gold_value, parse_answer(answer), deadline)

@@ -369,13 +369,13 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "math": Task(_DEFAULT_CHAIN + _LOOSE_CHAIN),
+    "math": Task(_DEFAULT_CHAIN + (hashes,) + _LOOSE_CHAIN),
     "gsm8k": Task(
         (answer_tags, hashes, boxed, answer_is, bare, last_number),  # $ is money here, not math
         strict=(hashes, boxed),
         gold=_gsm8k_gold,
     ),
-    "aime": Task(_DEFAULT_CHAIN + _LOOSE_CHAIN, valid=_aime_answer),
+    "aime": Task(_DEFAULT_CHAIN + (hashes,) + _LOOSE_CHAIN, valid=_aime_answer),
     "number": Task(_DEFAULT_CHAIN + (last_number,)),
 }
 

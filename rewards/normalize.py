@@ -186,6 +186,16 @@ _FRAC_GROUP_DIGIT_RE = re.compile(r"\\(frac|binom)\s*\{([^{}]*)\}\s*([0-9a-zA-Z]
 _SQRT_CHAR_RE = re.compile(r"\\sqrt\s*([0-9a-zA-Z])")
 _DEGREES_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|\^\s*\{\s*\\text\{o\}\s*\}")
 _DOLLAR_RE = re.compile(r"\\\$|\\textdollar")
+_TEXT_UNIT_RE = re.compile(  # 5\text{ m}, 3 \mathrm{km/h}, 9\,\text{cm}^2: a short unit after a number
+    r"(?<=[\d}])\s*(?:\\[,;: ]\s*)*\\(?:text|mathrm|textnormal|textrm|mbox)\s*\{\s*[a-zA-Z]{1,3}(?:/[a-zA-Z]{1,3})?"
+    r"(?:\^\{?[23]\}?)?\s*\}(?:\s*\^\s*\{?[23]\}?)?\s*$"
+)
+_SLASH_UNIT_RE = re.compile(r"(?<=\d)\s*[a-zA-Z]{1,3}/[a-zA-Z]{1,3}$")  # 12 m/s, 60 km/h
+_SETS = [
+    (re.compile(r"\\mathbb\s*\{?\s*R\s*\}?"), r"(-\\infty, \\infty)"),
+    (re.compile(r"\\(?:varnothing|emptyset)(?![a-zA-Z])|\\\{\s*\\\}|^\{\s*\}$"), r"\\emptyset"),
+    (re.compile(r"\binfinity\b", re.IGNORECASE), r"\\infty"),
+]
 _TEXT_CMD_RE = re.compile(
     r"\\(?:text|textbf|textit|textrm|textsf|texttt|textnormal|textup|mbox|hbox|mathrm|mathbf|mathit|mathsf|mathtt|"
     r"operatorname|emph|boldsymbol|bm)\s*\{([^{}]*)\}"
@@ -274,6 +284,9 @@ def clean(s: str) -> str:
     s = _unwrap_boxed(s.strip())
     s = s.replace("\\\\", r" \cr ")  # matrix row breaks, before \, and friends are read
     s = _DOLLAR_RE.sub(" ", s)
+    s = _TEXT_UNIT_RE.sub("", s)
+    for pattern, spelling in _SETS:
+        s = pattern.sub(spelling, s)
     s = _DELIMS_RE.sub(" ", s)
     s = s.replace(r"\left.", "").replace(r"\right.", "")
     s = _SIZING_RE.sub("", s)
@@ -300,6 +313,7 @@ def clean(s: str) -> str:
     s = " ".join(s.split())
     s = s.rstrip(".;, ").lstrip(":")
     s = re.sub(r"\s*\^\s*", "^", s)
+    s = _SLASH_UNIT_RE.sub("", s)
     s = _strip_units(s)
     s = re.sub(r"^(?:degrees?|percent)\b|\b(?:degrees?)$", "", s).strip()
     s = re.sub(r"\s*percent$", "%", s)
