@@ -78,6 +78,7 @@ _COPULA_RE = re.compile(
     r"(?:\b(?:is|are|was|were|equals?|be|becomes?|gives?|yields?|get|obtain)\b|=)\s*:?\s*", re.IGNORECASE
 )
 _BRACKET_LINE_RE = re.compile(r"^\[\s*(.+?)\s*\]\s*\.?$", re.DOTALL)
+_A_LINE_RE = re.compile(r"A\s*:\s*(\S.{0,200})$")
 _PROSE_WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
 
 
@@ -229,7 +230,11 @@ def _join(parts: list[str], joiners: list[str]) -> str:
 
 
 def answer_is(text: str) -> list[str]:
-    """The answer stated by the last 'the answer is ...' / 'Final Answer: ...' phrase."""
+    """The answer stated by the last 'the answer is ...' / 'Final Answer: ...' phrase, or by a
+    last line `A: 42` (the few-shot "Q: ... A: ..." convention)."""
+    m = _A_LINE_RE.match(_last_line(text))
+    if m:
+        return [m.group(1).strip().rstrip(".")]
     last = None
     for m in _ANSWER_IS_RE.finditer(text):
         last = m
