@@ -56,6 +56,7 @@ from rewards.normalize import (
     Unparsed,
     Value,
     clean,
+    has_symbols,
     parse_answer,
 )
 
@@ -408,6 +409,8 @@ def _eq_scalar(g: Scalar, p: Value, deadline: float) -> bool:
         return scalars_equal(g.node, p.node, deadline, g.percent, p.percent)
     if isinstance(p, Chain):
         return all(scalars_equal(g.node, part, deadline) for part in p.parts)
+    if isinstance(p, Equation) and has_symbols(p.lhs) and not has_symbols(p.rhs) and not has_symbols(g.node):
+        return scalars_equal(g.node, p.rhs, deadline)  # "a + b = 7" states the value 7
     if isinstance(p, Bag) and p.braces and len(p.items) == 1:
         return values_equal(g, p.items[0], deadline)
     if isinstance(p, Choice) and g.node[0] == "s":
@@ -635,6 +638,15 @@ def verify(answer: str, gold: str, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
         return False
 
 
+def _choice_letter(value: Value) -> str | None:
+    """The letter of a multiple-choice gold: `\\text{(C)}`, `(C)` or a lone capital `C`."""
+    if isinstance(value, Choice):
+        return value.letter
+    if isinstance(value, Scalar) and value.node[0] == "s" and value.node[1] in ("A", "B", "C", "D", "E"):
+        return value.node[1]
+    return None
+
+
 def _verify(answer: str, gold: str, deadline: float) -> bool:
     if len(answer) > max(MAX_ANSWER_CHARS, 4 * len(gold)) or _too_deep(answer):
         return False
@@ -648,6 +660,10 @@ def _verify(answer: str, gold: str, deadline: float) -> bool:
         return False
     if clean_answer == clean_gold:
         return True
+    letter = _choice_letter(gold_value)
+    m = re.match(r"\(([A-E])\)\s", clean_answer)
+    if letter is not None and m:  # "(B) 5": the letter of a choice followed by its value
+        return m.group(1) == letter
     if _several(gold_value) and _OR_RE.search(answer):
         answer = _OR_RE.sub(",", answer)  # x = 1 or x = -2: the solutions 1, -2
     return values_equal(gold_value, parse_answer(answer), deadline)

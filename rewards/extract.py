@@ -47,7 +47,8 @@ POLICY_VERSION = "2"  # bump when what counts as the final answer changes
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*")
 _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(
-    r"(?:final\s+answer|\banswer)\s*(?:\*\*)?\s*(?:is\s*:?|:|=)|final\s+answer\s*(?:\*\*)?\s*\n",
+    r"(?:final\s+answer|\banswer)\s*(?:\*\*)?\s*(?:is\s*:?|:|=)|final\s+answer\s*(?:\*\*)?\s*\n"
+    r"|#{1,6}\s*(?:final\s+)?answer\s*:?\s*\n",
     re.IGNORECASE,
 )
 _SENTENCE_END_RE = re.compile(
@@ -73,11 +74,17 @@ _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL
 _MATH_RE = re.compile(
     r"\$\$(?P<dd>.+?)\$\$|(?<![\\$])\$(?P<d>[^$]+?)(?<!\\)\$|\\\[(?P<b>.+?)\\\]|\\\((?P<p>.+?)\\\)", re.DOTALL
 )
-_CONNECTOR_RE = re.compile(r"\s*(?:,?\s*(?:and|or|&)\s*|,\s*|;\s*|\\text\{\s*(?:and|or|,)\s*\}\s*)", re.IGNORECASE)
+_CONNECTOR_RE = re.compile(r"\s*\(?\s*(?:,?\s*(?:and|or|&)\s*|,\s*|;\s*|\\text\{\s*(?:and|or|,)\s*\}\s*)", re.IGNORECASE)
 _COPULA_RE = re.compile(
     r"(?:\b(?:is|are|was|were|equals?|be|becomes?|gives?|yields?|get|obtain)\b|=)\s*:?\s*", re.IGNORECASE
 )
 _BRACKET_LINE_RE = re.compile(r"^\[\s*(.+?)\s*\]\s*\.?$", re.DOTALL)
+_LEAD_RE = re.compile(  # "So 7.", "Total: 40", "Result = 40": the value after a leading word or label
+    r"^(?:(?:so|thus|therefore|hence|finally)\b[,:]?\s*)?(?:[A-Za-z][A-Za-z ]{0,24}?\s*(?::|=(?!=))\s*(?=\S))?",
+    re.IGNORECASE,
+)
+_IS_THE_ANSWER_RE = re.compile(r"^(?:so|thus|therefore|hence)?[,\s]*(.{1,120}?)\s+is\s+(?:the|our|my)\s+(?:final\s+)?answer\b", re.I)
+_STOP_SPANS = {"the answer", "done", "correct", "right", "wrong", "true", "false", "as follows", "follows", "it"}
 _A_LINE_RE = re.compile(r"A\s*:\s*(\S.{0,200})$")
 _PROSE_WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
 
@@ -258,10 +265,11 @@ def _is_prose(text: str, max_words: int) -> bool:
 
 def bare(text: str) -> list[str]:
     """The whole response when it is just an answer: short, one line of math or a few words."""
-    s = text.strip().strip("*").strip()
+    s = _LEAD_RE.sub("", text.strip().strip("*`").strip())
     if not s or len(s) > 300 or s.count("\n") > 2 or _BOX_RE.search(s) or s.count("{") != s.count("}"):
         return []  # an unclosed box is a truncated response, not an answer
-    if _is_prose(s, 0 if "\n" in s else 1) or re.search(r"[.!?:]\s+[A-Za-z]", _MATH_RE.sub(" ", s)):
+    words = 0 if "\n" in s or _MATH_RE.search(s) else 1  # "$x=3$." or "5 apples", not "So, $x=3$."
+    if _is_prose(s, words) or re.search(r"[.!?:]\s+[A-Za-z]", _MATH_RE.sub(" ", s)):
         return []
     return [s]
 
@@ -279,6 +287,9 @@ def closing_statement(text: str) -> list[str]:
     line = _last_line(text)
     if not line or len(line) > 600:
         return []
+    m = _IS_THE_ANSWER_RE.match(line)  # "x = 4 is the answer."
+    if m:
+        return [m.group(1).strip()]
     outside = _MATH_RE.sub(lambda m: "\0" * len(m.group(0)), line)  # copulas inside math do not count
     last = None
     for m in _COPULA_RE.finditer(outside):
@@ -288,6 +299,8 @@ def closing_statement(text: str) -> list[str]:
     span = _first_span(line[last.end() :])
     if not re.search(r"[\w\\]", span) or _is_prose(span, 2) or len(span) > 200:
         return []
+    if not re.search(r"[\d\\$]", span) and (_MATH_RE.search(line) or span.lower().strip(" .") in _STOP_SPANS):
+        return []  # "..., and we are done.": a word after math is not the answer; the math is
     return [span]
 
 

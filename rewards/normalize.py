@@ -284,10 +284,10 @@ def clean(s: str) -> str:
     s = _unwrap_boxed(s.strip())
     s = s.replace("\\\\", r" \cr ")  # matrix row breaks, before \, and friends are read
     s = _DOLLAR_RE.sub(" ", s)
+    s = _DELIMS_RE.sub(" ", s).strip()
     s = _TEXT_UNIT_RE.sub("", s)
     for pattern, spelling in _SETS:
         s = pattern.sub(spelling, s)
-    s = _DELIMS_RE.sub(" ", s)
     s = s.replace(r"\left.", "").replace(r"\right.", "")
     s = _SIZING_RE.sub("", s)
     s = _THOUSANDS_MARK_RE.sub("", s)
@@ -306,6 +306,7 @@ def clean(s: str) -> str:
             break
         s = s2
     s = _X_IN_RE.sub("", s.strip())
+    s = re.sub(r"^(?:approximately|approx\.?|about|around|roughly|exactly|precisely)\s+", "", s, flags=re.I)
     m = _APPROX_TAIL_RE.match(s)  # "\frac{\sqrt3}{3} \approx 0.577": the exact value is the answer
     if m:
         s = m.group(1)
@@ -733,6 +734,8 @@ _KNOWN_WORDS = _FUNCS | {"sqrt", "pi", "infty", "frac", "dfrac", "cdot", "times"
 def _looks_like_text(s: str) -> bool:
     """A word of three or more letters that is not a LaTeX command or a function name."""
     stripped = re.sub(r"\\[a-zA-Z]+|_\{[^{}]*\}", " ", s)  # commands and subscripts (S_{ABC}) are not words
+    if "=" in stripped:
+        stripped = re.sub(r"\b[A-Z]{2,4}\b", " ", stripped)  # points named in a labelled value: AB = 4
     return any(w.group(0).lower() not in _KNOWN_WORDS for w in _WORD_RE.finditer(stripped))
 
 
@@ -840,7 +843,7 @@ def _parse_element(tokens: tuple[str, ...]) -> Value:
     return Scalar(parse_expr(tokens), percent)
 
 
-_LABEL_TOKENS = {"(", ")", "{", "}", "_", ",", ":", "'", r"ngle", r"	riangle", r"\overline", r"ec"}
+_LABEL_TOKENS = {"(", ")", "{", "}", "_", ",", ":", "'", r"\angle", r"\triangle", r"\overline", r"\vec"}
 
 
 def _is_label(tokens: tuple[str, ...]) -> bool:
