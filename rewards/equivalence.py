@@ -408,7 +408,10 @@ def _eq_scalar(g: Scalar, p: Value, deadline: float) -> bool:
     if isinstance(p, Scalar):
         return scalars_equal(g.node, p.node, deadline, g.percent, p.percent)
     if isinstance(p, Chain):
-        return all(scalars_equal(g.node, part, deadline) for part in p.parts)
+        parts = p.parts
+        if not has_symbols(g.node) and not has_symbols(parts[-1]):
+            parts = tuple(q for q in parts if not has_symbols(q))  # "a+b = -1+5 = 4": the values count
+        return all(scalars_equal(g.node, part, deadline) for part in parts)
     if isinstance(p, Equation) and has_symbols(p.lhs) and not has_symbols(p.rhs) and not has_symbols(g.node):
         return scalars_equal(g.node, p.rhs, deadline)  # "a + b = 7" states the value 7
     if isinstance(p, Bag) and p.braces and len(p.items) == 1:
@@ -638,6 +641,17 @@ def verify(answer: str, gold: str, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
         return False
 
 
+def _equal_alternatives(answer: str, gold: str, gold_value: Value, deadline: float) -> bool:
+    """`\\frac{5}{4}, or 1.25`: alternatives joined by "or" are no hedge when each one is the gold."""
+    parts = [q for q in _OR_RE.split(clean(answer)) if q.strip(" ,")]
+    if len(parts) < 2 or len(parts) > 4 or _PM_RE.search(answer):
+        return False
+    return all(
+        not _hedged(q, gold, gold_value) and values_equal(gold_value, parse_answer(q.strip(" ,")), deadline)
+        for q in parts
+    )
+
+
 def _choice_letter(value: Value) -> str | None:
     """The letter of a multiple-choice gold: `\\text{(C)}`, `(C)` or a lone capital `C`."""
     if isinstance(value, Choice):
@@ -657,7 +671,7 @@ def _verify(answer: str, gold: str, deadline: float) -> bool:
         return False
     gold_value = parse_answer(gold)
     if _hedged(answer, gold, gold_value):
-        return False
+        return _equal_alternatives(answer, gold, gold_value, deadline)
     if clean_answer == clean_gold:
         return True
     letter = _choice_letter(gold_value)

@@ -74,16 +74,26 @@ _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL
 _MATH_RE = re.compile(
     r"\$\$(?P<dd>.+?)\$\$|(?<![\\$])\$(?P<d>[^$]+?)(?<!\\)\$|\\\[(?P<b>.+?)\\\]|\\\((?P<p>.+?)\\\)", re.DOTALL
 )
-_CONNECTOR_RE = re.compile(r"\s*\(?\s*(?:,?\s*(?:and|or|&)\s*|,\s*|;\s*|\\text\{\s*(?:and|or|,)\s*\}\s*)", re.IGNORECASE)
-_COPULA_RE = re.compile(
-    r"(?:\b(?:is|are|was|were|equals?|be|becomes?|gives?|yields?|get|obtain)\b|=)\s*:?\s*", re.IGNORECASE
+_CONNECTOR_RE = re.compile(
+    r"\s*\(?\s*(?:,?\s*(?:and|or|&)\s*|,\s*|;\s*|\\text\{\s*(?:and|or|,)\s*\}\s*)", re.IGNORECASE
 )
+_COPULA_RE = re.compile(
+    r"(?:\b(?:is|are|was|were|equals|be|becomes?|gives?|yields?|get|obtain)\b(?:\s+equal\s+to\b)?"
+    r"|\bequal\s+to\b|=)\s*:?\s*",
+    re.IGNORECASE,
+)
+# A list item: a value, or a name and its value (`x = 1`, `x_1 = 2`, `(p, q) = (3, 2)`), not a step `k - 1 = 1`.
+_LIST_ITEM_RE = re.compile(r"^(?:[^=]+|\s*(?:\\?[A-Za-z]+(?:_\{?\w+\}?)?|\([^()=]*\))\s*=\s*[^=]+)$")
+_ENV_EDGE_RE = re.compile(r"\\(?:begin|end)\{(?:align|aligned|equation|gather|eqnarray|array)\*?\}|\\\\\s*$")
+_ASY_RE = re.compile(r"\[asy\].*?\[/asy\]", re.DOTALL)
 _BRACKET_LINE_RE = re.compile(r"^\[\s*(.+?)\s*\]\s*\.?$", re.DOTALL)
 _LEAD_RE = re.compile(  # "So 7.", "Total: 40", "Result = 40": the value after a leading word or label
     r"^(?:(?:so|thus|therefore|hence|finally)\b[,:]?\s*)?(?:[A-Za-z][A-Za-z ]{0,24}?\s*(?::|=(?!=))\s*(?=\S))?",
     re.IGNORECASE,
 )
-_IS_THE_ANSWER_RE = re.compile(r"^(?:so|thus|therefore|hence)?[,\s]*(.{1,120}?)\s+is\s+(?:the|our|my)\s+(?:final\s+)?answer\b", re.I)
+_IS_THE_ANSWER_RE = re.compile(
+    r"^(?:so|thus|therefore|hence)?[,\s]*(.{1,120}?)\s+is\s+(?:the|our|my)\s+(?:final\s+)?answer\b", re.IGNORECASE
+)
 _STOP_SPANS = {"the answer", "done", "correct", "right", "wrong", "true", "false", "as follows", "follows", "it"}
 _A_LINE_RE = re.compile(r"A\s*:\s*(\S.{0,200})$")
 _PROSE_WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
@@ -129,6 +139,8 @@ class Prepared:
 
 def prepare(response: str) -> Prepared:
     text = cut_turn(unescape_latex(response))
+    if "[asy]" in text:
+        text = _ASY_RE.sub(" ", text)  # Asymptote drawing code is not prose or math
     after: str | None = None
     cut = text.rfind("</think>")
     if cut != -1:
@@ -207,7 +219,11 @@ def _first_span(rest: str) -> str:
                 span = rest[len(opener) : end.start()].strip()
                 return _with_more_spans(span, rest[end.end() :])
     m = _SENTENCE_END_RE.search(rest)
-    return (rest[: m.start()] if m else rest).strip().rstrip("*").strip()
+    sentence = (rest[: m.start()] if m else rest).strip().rstrip("*").strip()
+    if _MATH_RE.search(sentence) and _is_prose(sentence, 1):
+        found = last_math(sentence)  # "the larger of the two: $x=1$"
+        return found[0] if found else sentence
+    return sentence
 
 
 def _with_more_spans(span: str, rest: str) -> str:
@@ -276,7 +292,7 @@ def bare(text: str) -> list[str]:
 
 def _last_line(text: str) -> str:
     for line in reversed(text[-_TAIL_CHARS:].splitlines()):
-        line = line.strip().strip("*#>").strip()
+        line = _ENV_EDGE_RE.sub("", line.strip()).strip().strip("*#>&").strip()
         if line and not re.fullmatch(r"\\\]|\\\[|\$\$|[-=_*]{3,}", line):
             return line
     return ""
@@ -296,7 +312,11 @@ def closing_statement(text: str) -> list[str]:
         last = m
     if last is None:
         return []
-    span = _first_span(line[last.end() :])
+    rest = line[last.end() :].lstrip(" \t*:")
+    span = _first_span(rest)
+    spans = list(_MATH_RE.finditer(rest))
+    if spans and (len(spans) > 1 or not rest.startswith(("$", "\\(", "\\["))):
+        return []  # "... is 29, so you had $29 \cdot 7 = 203$ coins": the last math decides
     if not re.search(r"[\w\\]", span) or _is_prose(span, 2) or len(span) > 200:
         return []
     if not re.search(r"[\d\\$]", span) and (_MATH_RE.search(line) or span.lower().strip(" .") in _STOP_SPANS):
@@ -326,6 +346,12 @@ def last_math(text: str) -> list[str]:
     parts = [p for p in parts if p]
     if not parts or len(parts) != len(group):
         return []
+    parts = [p.rstrip(".,;").strip() for p in parts]
+    listable = all(_LIST_ITEM_RE.match(p) for p in parts) and (
+        set(joiners) != {","} or len({"=" in p for p in parts}) == 1
+    )
+    if len(parts) > 1 and not listable:
+        parts, joiners = parts[-1:], []  # "$k-1=1$, and $k=2$", "Because $x$ cannot be $0$, $x=5$"
     return [_join(parts, joiners)]
 
 

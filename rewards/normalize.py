@@ -201,7 +201,7 @@ _TEXT_CMD_RE = re.compile(
     r"operatorname|emph|boldsymbol|bm)\s*\{([^{}]*)\}"
 )
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_X_IN_RE = re.compile(r"^[a-zA-Z]\s*\\in(?![a-zA-Z])\s*")
+_X_IN_RE = re.compile(r"^\\?[a-zA-Z]+\s*\\in(?![a-zA-Z])\s*")
 _APPROX_TAIL_RE = re.compile(r"^(.*?[\d}].*?)\s*(?:\\approx|\\sim|\\simeq)\s*-?[\d.,]+[^=]*$")
 _PLAIN_THOUSANDS_RE = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
 _SPACE_THOUSANDS_RE = re.compile(r"-?[1-9]\d{0,2}(?: \d{3})+(?:\.\d+)?")
@@ -306,7 +306,7 @@ def clean(s: str) -> str:
             break
         s = s2
     s = _X_IN_RE.sub("", s.strip())
-    s = re.sub(r"^(?:approximately|approx\.?|about|around|roughly|exactly|precisely)\s+", "", s, flags=re.I)
+    s = re.sub(r"^(?:approximately|approx\.?|about|around|roughly|exactly|precisely)\s+", "", s, flags=re.IGNORECASE)
     m = _APPROX_TAIL_RE.match(s)  # "\frac{\sqrt3}{3} \approx 0.577": the exact value is the answer
     if m:
         s = m.group(1)
@@ -826,7 +826,12 @@ def _parse_element(tokens: tuple[str, ...]) -> Value:
     if len(eq_parts) == 2 and _is_label(eq_parts[0]) and eq_parts[1]:
         return _parse_element(eq_parts[1])  # (p, q) = (3, 2), AB = 4, f(x) = x^2: the value counts
     if len(eq_parts) > 1:
-        nodes = [parse_expr(p) for p in eq_parts]
+        try:
+            nodes = [parse_expr(p) for p in eq_parts]
+        except ParseError:
+            if len(eq_parts) < 3:
+                raise
+            nodes = [parse_expr(p) for p in eq_parts[1:]]  # "9 \& 2 = \frac{...}{...} = v": the values
         if nodes[0][0] == "s":  # x = 3, y = 2x + 3: the value is the right side
             nodes = nodes[1:]
         if len(nodes) == 1:
@@ -904,6 +909,9 @@ def parse_answer(s: str) -> Value:
 
 
 def _parse_cleaned(text: str) -> Value:
+    named = re.match(r"^[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*(\\begin\{.*)$", text, re.DOTALL)
+    if named:  # v = \begin{pmatrix} ... \end{pmatrix}
+        text = named.group(1)
     m = _MATRIX_RE.match(text)
     if m:
         rows = [r for r in re.split(r"\\cr(?![a-zA-Z])", m.group("body")) if r.strip()]
