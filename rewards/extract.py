@@ -47,8 +47,9 @@ POLICY_VERSION = "2"  # bump when what counts as the final answer changes
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*")
 _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(
-    r"(?:final\s+answer|\banswer)\s*(?:\*\*)?\s*(?:is\s*:?|:|=)|final\s+answer\s*(?:\*\*)?\s*\n"
-    r"|#{1,6}\s*(?:final\s+)?answer\s*:?\s*\n",
+    # possessive quantifiers (*+): "answer" followed by 400k spaces is linear, not quadratic
+    r"(?:final\s++answer|\banswer)\s*+(?:\*\*\s*+)?(?:is\s*+:?|:|=)|final\s++answer[ \t]*+(?:\*\*[ \t]*+)?\n"
+    r"|(?<!#)#{1,6}+[ \t]*+(?:final\s++)?answer[ \t]*+:?[ \t]*+\n",
     re.IGNORECASE,
 )
 _SENTENCE_END_RE = re.compile(
@@ -70,7 +71,6 @@ _DOUBLE_ESCAPED_RE = re.compile(
     r"(?<!\\)\\\\(?:boxed|fbox|frac|dfrac|tfrac|sqrt|text|textbf|pi|cdot|times|left|right|leq?|geq?|infty|circ"
     r"|pm|mathrm|mathbf|begin|end|cup|cap|in|alpha|beta|theta|sin|cos|tan|log|ln)(?![a-zA-Z])"
 )
-_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
 _MATH_RE = re.compile(
     r"\$\$(?P<dd>.+?)\$\$|(?<![\\$])\$(?P<d>[^$]+?)(?<!\\)\$|\\\[(?P<b>.+?)\\\]|\\\((?P<p>.+?)\\\)", re.DOTALL
 )
@@ -85,7 +85,6 @@ _COPULA_RE = re.compile(
 # A list item: a value, or a name and its value (`x = 1`, `x_1 = 2`, `(p, q) = (3, 2)`), not a step `k - 1 = 1`.
 _LIST_ITEM_RE = re.compile(r"^(?:[^=]+|\s*(?:\\?[A-Za-z]+(?:_\{?\w+\}?)?|\([^()=]*\))\s*=\s*[^=]+)$")
 _ENV_EDGE_RE = re.compile(r"\\(?:begin|end)\{(?:align|aligned|equation|gather|eqnarray|array)\*?\}|\\\\\s*$")
-_ASY_RE = re.compile(r"\[asy\].*?\[/asy\]", re.DOTALL)
 _BRACKET_LINE_RE = re.compile(r"^\[\s*(.+?)\s*\]\s*\.?$", re.DOTALL)
 _LEAD_RE = re.compile(  # "So 7.", "Total: 40", "Result = 40": the value after a leading word or label
     r"^(?:(?:so|thus|therefore|hence|finally)\b[,:]?\s*)?(?:[A-Za-z][A-Za-z ]{0,24}?\s*(?::|=(?!=))\s*(?=\S))?",
@@ -137,10 +136,23 @@ class Prepared:
     unfinished_think: bool  # <think> opened and never closed
 
 
+def _drop_asy(text: str) -> str:
+    """Remove [asy]...[/asy] blocks (Asymptote drawing code is not prose or math), in linear time."""
+    out, pos = [], 0
+    while True:
+        start = text.find("[asy]", pos)
+        end = text.find("[/asy]", start) if start != -1 else -1
+        if end == -1:
+            out.append(text[pos:])
+            return " ".join(out)
+        out.append(text[pos:start])
+        pos = end + len("[/asy]")
+
+
 def prepare(response: str) -> Prepared:
     text = cut_turn(unescape_latex(response))
-    if "[asy]" in text:
-        text = _ASY_RE.sub(" ", text)  # Asymptote drawing code is not prose or math
+    if "[/asy]" in text:
+        text = _drop_asy(text)
     after: str | None = None
     cut = text.rfind("</think>")
     if cut != -1:
@@ -195,12 +207,12 @@ def boxed(text: str) -> list[str]:
 
 def answer_tags(text: str) -> list[str]:
     """The content of the last <answer>...</answer> (its boxes, if it has any)."""
-    last = None
-    for m in _ANSWER_TAG_RE.finditer(text):
-        last = m
-    if last is None:
+    low = text.lower()
+    end = low.rfind("</answer>")
+    start = low.rfind("<answer>", 0, end) if end != -1 else -1
+    if start == -1:
         return []
-    content = last.group(1).strip()
+    content = text[start + len("<answer>") : end].strip()
     return boxed(content) or ([content] if content else [])
 
 

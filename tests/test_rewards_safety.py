@@ -35,6 +35,18 @@ BOMBS = {
     "backslash_spam": "\\" * 300_000,
     "dollar_spam": "$" * 300_000,
     "unclosed_boxes": r"\boxed{" * 50_000,
+    # shapes the default policy's closing-statement, last-math and tag extractors must read in linear time
+    "answer_then_spaces": "answer" + " " * 300_000,
+    "open_answer_tags": "<answer>" * 40_000,
+    "open_asy_blocks": "[asy]" * 60_000 + "[/asy]" + "[asy]" * 20_000,
+    "hash_run": "#" * 300_000,
+    "math_pairs": "$1$ " * 70_000,
+    "math_list": "$x=1$, " * 50_000,
+    "math_or_paren": "$1$ (or " * 50_000,
+    "lead_words": "So " * 100_000,
+    "think_closes": "</think>" * 50_000,
+    "copulas": "x is " * 60_000,
+    "a_lines": "A: " * 100_000,
 }
 
 
