@@ -5,9 +5,10 @@ Two named policies (`POLICIES`; `describe_policy(name)` gives the text that runs
 - `default`: the first of these that finds anything wins.
   1. `<answer>...</answer>` tags (R1 style): the last tag; a box inside it is unwrapped.
   2. `\\boxed{...}` / `\\fbox{...}`: every box (see `boxed`).
-  3. "final answer" phrases: the last "the (final) answer is X", "Answer: X", Minerva's
-     "Final Answer: The final answer is $X$. I hope it is correct."
-  4. the task's own markers (GSM8K's `#### N`).
+  3. "final answer" phrases: the last "the (final) answer is X", "Answer: X", a `## Answer`
+     heading, Minerva's "Final Answer: The final answer is $X$. I hope it is correct.", or a
+     closing `A: X` line.
+  4. GSM8K's `#### N` (first for the gsm8k task).
   5. a bare answer: the whole response when it is short and not prose (`5`, `$x=3$`, `Evelyn`).
   6. a closing statement: the last line saying "... is X" / "... = X" (`The largest $n$ is 34.`).
   7. the last math of the response (`$...$`, `\\[...\\]`, `\\(...\\)`, `$$...$$`, or a last line in
