@@ -88,7 +88,7 @@ _LIST_ITEM_RE = re.compile(r"^(?:[^=]+|\s*(?:\\?[A-Za-z]+(?:_\{?\w+\}?)?|\([^()=
 _ENV_EDGE_RE = re.compile(r"\\(?:begin|end)\{(?:align|aligned|equation|gather|eqnarray|array)\*?\}|\\\\\s*$")
 _BRACKET_LINE_RE = re.compile(r"^\[\s*(.+?)\s*\]\s*\.?$", re.DOTALL)
 _LEAD_RE = re.compile(  # "So 7.", "Total: 40", "Result = 40": the value after a leading word or label
-    r"^(?:(?:so|thus|therefore|hence|finally)\b[,:]?\s*)?(?:[A-Za-z][A-Za-z ]{0,24}?\s*(?::|=(?!=))\s*(?=\S))?",
+    r"^(?:(?:so|thus|therefore|hence|finally)\b[,:]?\s*)?(?:[A-Za-z][A-Za-z ]{1,24}?\s*(?::|=(?!=))\s*(?=[^=]+$))?",
     re.IGNORECASE,
 )
 _IS_THE_ANSWER_RE = re.compile(

@@ -150,6 +150,9 @@ Value = Scalar | Seq | Bag | Labelled | Union | Matrix | Equation | Chain | Choi
 # Cleaning
 
 _UNICODE = {
+    "\u2208": r"\in ",
+    "\u2205": r"\emptyset ",
+    "\u211d": r"\mathbb{R}",
     "\u2212": "-",
     "\u2013": "-",
     "\u2014": "-",
@@ -194,7 +197,8 @@ _SLASH_UNIT_RE = re.compile(r"(?<=\d)\s*[a-zA-Z]{1,3}/[a-zA-Z]{1,3}$")  # 12 m/s
 _SETS = [
     (re.compile(r"\\mathbb\s*\{?\s*R\s*\}?"), r"(-\\infty, \\infty)"),
     (re.compile(r"\\(?:varnothing|emptyset)(?![a-zA-Z])|\\\{\s*\\\}|^\{\s*\}$"), r"\\emptyset"),
-    (re.compile(r"\binfinity\b", re.IGNORECASE), r"\\infty"),
+    (re.compile(r"\b(?:infinity|inf)\b", re.IGNORECASE), r"\\infty"),
+    (re.compile(r"\*\*"), "^"),  # Python's power
 ]
 _TEXT_CMD_RE = re.compile(
     r"\\(?:text|textbf|textit|textrm|textsf|texttt|textnormal|textup|mbox|hbox|mathrm|mathbf|mathit|mathsf|mathtt|"
@@ -288,7 +292,7 @@ def clean(s: str) -> str:
     s = _TEXT_UNIT_RE.sub("", s)
     for pattern, spelling in _SETS:
         s = pattern.sub(spelling, s)
-    s = s.replace(r"\left.", "").replace(r"\right.", "")
+    s = s.replace(r"\left.", "").replace(r"\right.", "").replace(r"\langle", "(").replace(r"\rangle", ")")
     s = _SIZING_RE.sub("", s)
     s = _THOUSANDS_MARK_RE.sub("", s)
     s = _SPACING_RE.sub(" ", s)
@@ -811,7 +815,7 @@ def _parse_element(tokens: tuple[str, ...]) -> Value:
             return Seq(tokens[0], tokens[-1], tuple(_parse_element(t) for t in items))
         if len(inner) == 1 and inner[0].isalpha() and inner[0].upper() in "ABCDE":
             return Choice(inner[0].upper())
-    if _wraps_all(tokens) and tokens[0] == r"\{":
+    if _wraps_all(tokens) and (tokens[0] == r"\{" or (tokens[0] == "{" and "," in tokens)):  # {1, 2} is a set
         items = _split_top(tokens[1:-1], {","})
         return Bag(tuple(v for t in items for v in _parse_items(t)), braces=True)
     rel_parts = _split_top(tokens, set(_RELATIONS))
