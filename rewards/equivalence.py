@@ -404,9 +404,21 @@ def scalars_equal(g: Node, p: Node, deadline: float, g_pct: bool = False, p_pct:
     return decided if decided is not None else bool(verdict)
 
 
+def _ratio(value: Value) -> Node | None:
+    """`7:32` as the quotient 7/32 (a ratio of two scalars), else None."""
+    if isinstance(value, Seq) and value.open == ":" and len(value.items) == 2:
+        a, b = value.items
+        if isinstance(a, Scalar) and isinstance(b, Scalar) and not (a.percent or b.percent):
+            return ("/", a.node, b.node)
+    return None
+
+
 def _eq_scalar(g: Scalar, p: Value, deadline: float) -> bool:
     if isinstance(p, Scalar):
         return scalars_equal(g.node, p.node, deadline, g.percent, p.percent)
+    ratio = _ratio(p)
+    if ratio is not None:
+        return scalars_equal(g.node, ratio, deadline)  # 3:4 for 3/4
     if isinstance(p, Chain):
         parts = p.parts
         if not has_symbols(g.node) and not has_symbols(parts[-1]):
@@ -426,6 +438,11 @@ def _in_order(gold: tuple[Value, ...], pred: tuple[Value, ...], deadline: float)
 
 
 def _eq_seq(g: Seq, p: Value, deadline: float) -> bool:
+    ratio = _ratio(g)
+    if ratio is not None and isinstance(p, Scalar):
+        return scalars_equal(ratio, p.node, deadline)  # 7/32 for 7:32
+    if ratio is not None and _ratio(p) is not None:
+        return scalars_equal(ratio, _ratio(p), deadline)  # 14:64 for 7:32
     if isinstance(p, Labelled) and g.open != ":":
         return _in_order(g.items, p.items, deadline)  # (p, q) = (3, 2) written as p = 3, q = 2
     if isinstance(p, Matrix):

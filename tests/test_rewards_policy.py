@@ -65,6 +65,10 @@ KINDS: dict[str, list[tuple[str, str, float]]] = {
         ("\\boxed{f(x) = x^2 + 1}", "x^2+1", 1.0),
         ("\\boxed{7:32}", "S_{MBCN}:S=7:32", 1.0),
         ("\\boxed{7:33}", "S_{MBCN}:S=7:32", 0.0),
+        ("\\boxed{\\frac{7}{32}}", "S_{MBCN}:S=7:32", 1.0),
+        ("\\boxed{14:64}", "7:32", 1.0),
+        ("\\boxed{3:4}", "0.75", 1.0),
+        ("\\boxed{4:3}", "0.75", 0.0),
     ],
     "separators_units_noise": [
         ("\\boxed{14{,}916}", "14916", 1.0),
