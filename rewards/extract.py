@@ -50,7 +50,8 @@ _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(
     # possessive quantifiers (*+): "answer" followed by 400k spaces is linear, not quadratic
     r"(?:final\s++answer|\banswer)\s*+(?:\*\*\s*+)?(?:is\s*+:?|:|=)|final\s++answer[ \t]*+(?:\*\*[ \t]*+)?\n"
-    r"|(?<!#)#{1,6}+[ \t]*+(?:final\s++)?answer[ \t]*+:?[ \t]*+\n",
+    r"|(?<!#)#{1,6}+[ \t]*+(?:final\s++)?answer[ \t]*+:?[ \t]*+\n"
+    r"|\banswer\s++(?:to|for|of)\s[^.\n$]{0,50}?\s(?:is|=)\s*+:?",  # "the answer to the question is 5"
     re.IGNORECASE,
 )
 _SENTENCE_END_RE = re.compile(
@@ -233,7 +234,7 @@ def _first_span(rest: str) -> str:
                 return _with_more_spans(span, rest[end.end() :])
     m = _SENTENCE_END_RE.search(rest)
     sentence = (rest[: m.start()] if m else rest).strip().rstrip("*").strip()
-    if _MATH_RE.search(sentence) and _is_prose(sentence, 1):
+    if _MATH_RE.search(sentence) and _is_prose(sentence, 0):
         found = last_math(sentence)  # "the larger of the two: $x=1$"
         return found[0] if found else sentence
     return sentence

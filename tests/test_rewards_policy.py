@@ -19,6 +19,10 @@ KINDS: dict[str, list[tuple[str, str, float]]] = {
         ("Therefore the probability equals $\\frac{3}{8}$.", "0.375", 1.0),
         ("**Answer:** 5", "5", 1.0),
         ("The solution is complete.\nAnswer: 42", "42", 1.0),
+        ("The final answer to this problem is 5.", "5", 1.0),
+        ("So the answer to part (a) is $5$.", "5", 1.0),
+        ("Since $x$ counts the marbles, the answer to the problem is just $16$.", "16", 1.0),
+        ("Since $x$ counts the marbles, the answer to the problem is just $16$.", "12", 0.0),
     ],
     "last_math": [
         ("The distance between the points is $|3 - 5| = 2$", "2", 1.0),

@@ -47,6 +47,7 @@ BOMBS = {
     "think_closes": "</think>" * 50_000,
     "copulas": "x is " * 60_000,
     "a_lines": "A: " * 100_000,
+    "answer_to_spam": "answer to " * 40_000,
 }
 
 
