@@ -50,6 +50,10 @@ def test_check_prints_score_and_extraction() -> None:
     assert json.loads(out.stdout) == {"score": 1.0, "extracted": "4"}
     out = _cli("check", "no answer", "4")
     assert json.loads(out.stdout) == {"score": 0.0, "extracted": None}
+    out = _cli("check", "The answer is 4.", "4", "--policy", "strict")
+    assert json.loads(out.stdout) == {"score": 0.0, "extracted": None}
+    out = _cli("check", "The answer is 4.", "4")
+    assert json.loads(out.stdout) == {"score": 1.0, "extracted": "4"}
 
 
 def test_batch_writes_rows_and_reports_malformed_lines(tmp_path: Path) -> None:
