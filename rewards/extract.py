@@ -50,7 +50,7 @@ _HASHES_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(
     # possessive quantifiers (*+): "answer" followed by 400k spaces is linear, not quadratic
     r"(?:final\s++answer|\banswer)\s*+(?:\*\*\s*+)?(?:is\s*+:?|:|=)|final\s++answer[ \t]*+(?:\*\*[ \t]*+)?\n"
-    r"|(?<!#)#{1,6}+[ \t]*+(?:final\s++)?answer[ \t]*+:?[ \t]*+\n"
+    r"|(?<!#)#{1,6}+[ \t]*+(?:final\s++)?answer[ \t]*+:?[ \t]*+\n|(?:^|\n)[ \t]*+answer[ \t]*+:?[ \t]*+\n"
     r"|\banswer\s++(?:to|for|of)\s[^.\n$]{0,50}?\s(?:is|=)\s*+:?",  # "the answer to the question is 5"
     re.IGNORECASE,
 )

@@ -287,7 +287,8 @@ def clean(s: str) -> str:
     s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
     s = _unwrap_boxed(s.strip())
     s = s.replace("\\\\", r" \cr ")  # matrix row breaks, before \, and friends are read
-    s = _DOLLAR_RE.sub(" ", s)
+    s = _DOLLAR_RE.sub(" ", s).replace("`", " ")
+    s = re.sub(r"\\(?:blacksquare|square|qed|Box)(?![a-zA-Z])|\\hfill", " ", s)  # end-of-proof marks
     s = _DELIMS_RE.sub(" ", s).strip()
     s = _TEXT_UNIT_RE.sub("", s)
     for pattern, spelling in _SETS:
