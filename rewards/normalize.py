@@ -935,6 +935,8 @@ def _parse_cleaned(text: str) -> Value:
     pieces = re.split(r"\s+or\s+", text)  # inequalities joined by "or" form a union
     if len(pieces) > 1 and all(re.search(r"[<>]|\\[lg]e", p) for p in pieces):
         return Union(tuple(_parse_element(tokenize(p)) for p in pieces))
+    if len(pieces) > 1 and not _looks_like_text(text):
+        text = ", ".join(pieces)  # "2 or 3" lists two values (a hedge unless the gold says so too)
     if _looks_like_text(text):
         return Text(_text_key(text))
     tokens = tokenize(text)
