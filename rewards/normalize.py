@@ -741,7 +741,12 @@ def _looks_like_text(s: str) -> bool:
     stripped = re.sub(r"\\[a-zA-Z]+|_\{[^{}]*\}", " ", s)  # commands and subscripts (S_{ABC}) are not words
     if "=" in stripped:
         stripped = re.sub(r"\b[A-Z]{2,4}\b", " ", stripped)  # points named in a labelled value: AB = 4
+    if _SHORT_WORD_RE.search(stripped):
+        return True  # "no", "2 to 5": words, not the products n*o or t*o
     return any(w.group(0).lower() not in _KNOWN_WORDS for w in _WORD_RE.finditer(stripped))
+
+
+_SHORT_WORD_RE = re.compile(r"(?<![\\\w])(?:no|No|NO|to|of|is)(?![\w(])")
 
 
 def _text_key(s: str) -> str:
