@@ -7,15 +7,21 @@
     True
 
 API
-- `grade(response, gold, task="math", timeout=1.0) -> float` in {0.0, 1.0}: finds the final
-  answer(s) with the task's policy (`extract.TASKS`: math, gsm8k, aime, number) and checks it.
+- `grade(response, gold, task="math", timeout=1.0, policy="default") -> float` in {0.0, 1.0}:
+  finds the final answer(s) with the extraction policy for the task (`TASKS`: math, gsm8k,
+  aime, number) and checks it against the gold (a gold written as text, e.g. with boxes, is
+  read with the same extraction).
 - `verify(answer, gold, timeout=1.0) -> bool` for an already-extracted answer.
-- `extract_answer(response, task="math") -> str | None`.
-- `grade_batch(responses, golds, task="math", workers=None, timeout=1.0) -> list[float]`:
+- `extract_answer(response, task="math", policy="default") -> str | None`.
+- `grade_batch(responses, golds, task="math", workers=None, timeout=1.0, policy="default")`:
   a spawn-based process pool for large batches, sequential for small ones.
+- Extraction policies: `POLICIES` ("default": box, "final answer" phrases, the last math...;
+  "strict": boxes only), `POLICY_VERSION`, and `describe_policy(name) -> str`, a stable
+  description with the version for run records (e.g. "rewards/default/v2: ...").
 
-Scoring rules: see `extract` (which answers count) and `equivalence` (what is equal, what is a
-hedge). A response with several final answers scores 1 only if all of them are right.
+Scoring rules: see `extract` (which answers count, in which order) and `equivalence` (what is
+equal, what is a hedge). A response with several final answers scores 1 only if all of them
+are right, or if the gold has several parts and together they spell it.
 
 Timeout contract
 - No input string makes these functions raise (a wrong `task` name raises ValueError).
@@ -33,7 +39,16 @@ Timeout contract
 """
 
 from rewards.equivalence import verify
-from rewards.extract import TASKS, extract_answer
+from rewards.extract import POLICIES, POLICY_VERSION, TASKS, describe_policy, extract_answer
 from rewards.grading import grade, grade_batch
 
-__all__ = ["grade", "verify", "extract_answer", "grade_batch", "TASKS"]
+__all__ = [  # noqa: RUF022 (in the order of the docstring)
+    "grade",
+    "verify",
+    "extract_answer",
+    "grade_batch",
+    "TASKS",
+    "POLICIES",
+    "POLICY_VERSION",
+    "describe_policy",
+]

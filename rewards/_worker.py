@@ -19,7 +19,7 @@ import sys
 AS_LIMIT_BYTES = 2 << 30  # a runaway simplify dies with MemoryError instead of swapping
 
 
-def _to_sympy(node: list, sp):  # noqa: ANN001, ANN202 (sympy is imported lazily)
+def _to_sympy(node: list, sp):
     """JSON AST -> sympy expression."""
     head = node[0]
     if head == "n":
@@ -52,16 +52,29 @@ def _to_sympy(node: list, sp):  # noqa: ANN001, ANN202 (sympy is imported lazily
         return sp.root(arg, index)
     if head == "f":
         funcs = {
-            "sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "cot": sp.cot, "sec": sp.sec,
-            "csc": sp.csc, "arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan,
-            "sinh": sp.sinh, "cosh": sp.cosh, "tanh": sp.tanh, "ln": sp.log, "exp": sp.exp,
-            "abs": sp.Abs, "floor": sp.floor, "ceil": sp.ceiling,
+            "sin": sp.sin,
+            "cos": sp.cos,
+            "tan": sp.tan,
+            "cot": sp.cot,
+            "sec": sp.sec,
+            "csc": sp.csc,
+            "arcsin": sp.asin,
+            "arccos": sp.acos,
+            "arctan": sp.atan,
+            "sinh": sp.sinh,
+            "cosh": sp.cosh,
+            "tanh": sp.tanh,
+            "ln": sp.log,
+            "exp": sp.exp,
+            "abs": sp.Abs,
+            "floor": sp.floor,
+            "ceil": sp.ceiling,
         }
         return funcs[node[1]](_to_sympy(node[2], sp))
     raise ValueError(f"unknown node {head!r}")
 
 
-def _equal(a, b, sp) -> bool | None:  # noqa: ANN001
+def _equal(a, b, sp) -> bool | None:
     diff = a - b
     if diff == 0:
         return True
@@ -70,7 +83,7 @@ def _equal(a, b, sp) -> bool | None:  # noqa: ANN001
     return diff.equals(0)
 
 
-def _proportional(a, b, sp) -> bool | None:  # noqa: ANN001
+def _proportional(a, b, sp) -> bool | None:
     """a = k * b for a nonzero constant k (the same equation written twice)."""
     if b == 0:
         return a == 0

@@ -25,9 +25,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rewards.grading import _iter_graded, extract_answer, grade
 from rewards.equivalence import DEFAULT_TIMEOUT_S
-from rewards.extract import TASKS
+from rewards.extract import POLICIES, TASKS
+from rewards.grading import _iter_graded, extract_answer, grade
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,12 @@ def _batch(args: argparse.Namespace) -> int:
     rows = [_read_row(i, text, args.task) for i, text in enumerate(lines, 1) if text.strip()]
     good = [r for r in rows if r.error is None]
     results: Iterator[tuple[float, str | None]] = _iter_graded(
-        [r.response for r in good], [r.gold for r in good], [r.task for r in good], args.workers, args.timeout
+        [r.response for r in good],
+        [r.gold for r in good],
+        [r.task for r in good],
+        args.workers,
+        args.timeout,
+        args.policy,
     )
     errors: list[str] = []
     try:
@@ -106,8 +111,9 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    score = grade(args.response, args.gold, args.task, args.timeout)
-    print(json.dumps({"score": score, "extracted": extract_answer(args.response, args.task)}, ensure_ascii=False))
+    score = grade(args.response, args.gold, args.task, args.timeout, args.policy)
+    extracted = extract_answer(args.response, args.task, args.policy)
+    print(json.dumps({"score": score, "extracted": extracted}, ensure_ascii=False))
     return 0
 
 
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in (check, batch):
         p.add_argument("--task", default="math", choices=sorted(TASKS))
         p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="sympy seconds per call")
+        p.add_argument("--policy", default="default", choices=sorted(POLICIES), help="extraction policy")
     args = parser.parse_args(argv)
     return _check(args) if args.command == "check" else _batch(args)
 

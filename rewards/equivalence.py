@@ -40,12 +40,13 @@ from fractions import Fraction
 from rewards import _limits
 from rewards.normalize import (
     MAX_DEPTH,
-    BaseNumber,
     Bag,
+    BaseNumber,
     Bomb,
     Chain,
     Choice,
     Equation,
+    Labelled,
     Matrix,
     Node,
     Scalar,
@@ -55,6 +56,7 @@ from rewards.normalize import (
     Unparsed,
     Value,
     clean,
+    has_symbols,
     parse_answer,
 )
 
@@ -93,8 +95,22 @@ _GRADER_RE = re.compile(
 
 # Every branch of _GRADER_RE contains one of these (lower-case) words; the regex only runs
 # around them, which keeps a 400k-character response at about a millisecond.
-_GRADER_TRIGGERS = ("grader", "grading", "graded", "verifier", "evaluator", "reward", "checker", "judge",
-                    "mark", "ignore", "credit", "score", "as correct", "as right")
+_GRADER_TRIGGERS = (
+    "grader",
+    "grading",
+    "graded",
+    "verifier",
+    "evaluator",
+    "reward",
+    "checker",
+    "judge",
+    "mark",
+    "ignore",
+    "credit",
+    "score",
+    "as correct",
+    "as right",
+)
 _MAX_TRIGGER_WINDOWS = 64
 
 
@@ -131,9 +147,13 @@ def exact(node: Node) -> Fraction | None:
         func = {"abs": abs, "floor": math.floor, "ceil": math.ceil}.get(node[1])
         return Fraction(func(arg)) if func and arg is not None else None
     args = [exact(c) if isinstance(c, tuple) else None for c in node[1:]]
-    if head == "^" and args[1] is not None and abs(args[1]) > MAX_EXPONENT:
-        if args[0] is None or abs(args[0]) not in (0, 1):
-            raise Bomb("exponent too large")  # x^{99999999} is no answer either
+    if (
+        head == "^"
+        and args[1] is not None
+        and abs(args[1]) > MAX_EXPONENT
+        and (args[0] is None or abs(args[0]) not in (0, 1))
+    ):
+        raise Bomb("exponent too large")  # x^{99999999} is no answer either
     if any(a is None for a in args):
         return None
     if head == "+":
@@ -217,16 +237,30 @@ def _init_funcs() -> None:
             if abs(z.imag) > 1e-12:
                 raise _Undefined
             return complex(f(z.real))
+
         return g
 
-    _CMATH_FUNCS.update({
-        "sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan,
-        "cot": lambda z: 1 / cmath.tan(z), "sec": lambda z: 1 / cmath.cos(z),
-        "csc": lambda z: 1 / cmath.sin(z), "arcsin": cmath.asin, "arccos": cmath.acos,
-        "arctan": cmath.atan, "sinh": cmath.sinh, "cosh": cmath.cosh, "tanh": cmath.tanh,
-        "ln": cmath.log, "exp": cmath.exp, "abs": lambda z: complex(abs(z)),
-        "floor": real_only(math.floor), "ceil": real_only(math.ceil),
-    })
+    _CMATH_FUNCS.update(
+        {
+            "sin": cmath.sin,
+            "cos": cmath.cos,
+            "tan": cmath.tan,
+            "cot": lambda z: 1 / cmath.tan(z),
+            "sec": lambda z: 1 / cmath.cos(z),
+            "csc": lambda z: 1 / cmath.sin(z),
+            "arcsin": cmath.asin,
+            "arccos": cmath.acos,
+            "arctan": cmath.atan,
+            "sinh": cmath.sinh,
+            "cosh": cmath.cosh,
+            "tanh": cmath.tanh,
+            "ln": cmath.log,
+            "exp": cmath.exp,
+            "abs": lambda z: complex(abs(z)),
+            "floor": real_only(math.floor),
+            "ceil": real_only(math.ceil),
+        }
+    )
 
 
 _init_funcs()
@@ -370,11 +404,28 @@ def scalars_equal(g: Node, p: Node, deadline: float, g_pct: bool = False, p_pct:
     return decided if decided is not None else bool(verdict)
 
 
+def _ratio(value: Value) -> Node | None:
+    """`7:32` as the quotient 7/32 (a ratio of two scalars), else None."""
+    if isinstance(value, Seq) and value.open == ":" and len(value.items) == 2:
+        a, b = value.items
+        if isinstance(a, Scalar) and isinstance(b, Scalar) and not (a.percent or b.percent):
+            return ("/", a.node, b.node)
+    return None
+
+
 def _eq_scalar(g: Scalar, p: Value, deadline: float) -> bool:
     if isinstance(p, Scalar):
         return scalars_equal(g.node, p.node, deadline, g.percent, p.percent)
+    ratio = _ratio(p)
+    if ratio is not None:
+        return scalars_equal(g.node, ratio, deadline)  # 3:4 for 3/4
     if isinstance(p, Chain):
-        return all(scalars_equal(g.node, part, deadline) for part in p.parts)
+        parts = p.parts
+        if not has_symbols(g.node) and not has_symbols(parts[-1]):
+            parts = tuple(q for q in parts if not has_symbols(q))  # "a+b = -1+5 = 4": the values count
+        return all(scalars_equal(g.node, part, deadline) for part in parts)
+    if isinstance(p, Equation) and has_symbols(p.lhs) and not has_symbols(p.rhs) and not has_symbols(g.node):
+        return scalars_equal(g.node, p.rhs, deadline)  # "a + b = 7" states the value 7
     if isinstance(p, Bag) and p.braces and len(p.items) == 1:
         return values_equal(g, p.items[0], deadline)
     if isinstance(p, Choice) and g.node[0] == "s":
@@ -382,7 +433,18 @@ def _eq_scalar(g: Scalar, p: Value, deadline: float) -> bool:
     return False
 
 
+def _in_order(gold: tuple[Value, ...], pred: tuple[Value, ...], deadline: float) -> bool:
+    return len(gold) == len(pred) and all(values_equal(a, b, deadline) for a, b in zip(gold, pred))
+
+
 def _eq_seq(g: Seq, p: Value, deadline: float) -> bool:
+    ratio = _ratio(g)
+    if ratio is not None and isinstance(p, Scalar):
+        return scalars_equal(ratio, p.node, deadline)  # 7/32 for 7:32
+    if ratio is not None and _ratio(p) is not None:
+        return scalars_equal(ratio, _ratio(p), deadline)  # 14:64 for 7:32
+    if isinstance(p, Labelled) and g.open != ":":
+        return _in_order(g.items, p.items, deadline)  # (p, q) = (3, 2) written as p = 3, q = 2
     if isinstance(p, Matrix):
         return _eq_matrix(Matrix(tuple((item,) for item in g.items)), p, deadline)
     if not isinstance(p, Seq) or (g.open, g.close) != (p.open, p.close) or len(g.items) != len(p.items):
@@ -404,10 +466,20 @@ def _match_unordered(gold: tuple[Value, ...], pred: tuple[Value, ...], deadline:
 
 
 def _eq_bag(g: Bag, p: Value, deadline: float) -> bool:
-    if isinstance(p, Bag):
+    if isinstance(p, (Bag, Labelled)):  # x_1 = 2, x_2 = 3 for the solutions 2, 3
         return _match_unordered(g.items, p.items, deadline)
     if len(g.items) == 1:
         return values_equal(g.items[0], p, deadline)
+    return False
+
+
+def _eq_labelled(g: Labelled, p: Value, deadline: float) -> bool:
+    """By label when both name the same things; otherwise the values in the gold's order."""
+    if isinstance(p, Labelled) and sorted(p.labels) == sorted(g.labels):
+        by_label = dict(zip(p.labels, p.items))
+        return all(values_equal(item, by_label[label], deadline) for label, item in zip(g.labels, g.items))
+    if isinstance(p, Labelled) or (isinstance(p, Bag) and not p.braces) or (isinstance(p, Seq) and p.open != ":"):
+        return _in_order(g.items, p.items, deadline)
     return False
 
 
@@ -421,15 +493,11 @@ def _eq_matrix(g: Matrix, p: Value, deadline: float) -> bool:
     if isinstance(p, Seq):
         if p.open == "(" and p.close == ")" and 1 in (len(g.rows), len(g.rows[0])):
             flat = tuple(item for row in g.rows for item in row)
-            return len(flat) == len(p.items) and all(
-                values_equal(a, b, deadline) for a, b in zip(flat, p.items)
-            )
+            return len(flat) == len(p.items) and all(values_equal(a, b, deadline) for a, b in zip(flat, p.items))
         return False
     if not isinstance(p, Matrix) or len(g.rows) != len(p.rows) or len(g.rows[0]) != len(p.rows[0]):
         return False
-    return all(
-        values_equal(a, b, deadline) for ga, pa in zip(g.rows, p.rows) for a, b in zip(ga, pa)
-    )
+    return all(values_equal(a, b, deadline) for ga, pa in zip(g.rows, p.rows) for a, b in zip(ga, pa))
 
 
 def _eq_equation(g: Equation, p: Value, deadline: float) -> bool:
@@ -485,6 +553,7 @@ COMPARATORS: dict[type, Callable[[Value, Value, float], bool]] = {
     Scalar: _eq_scalar,
     Seq: _eq_seq,
     Bag: _eq_bag,
+    Labelled: _eq_labelled,
     Union: _eq_union,
     Matrix: _eq_matrix,
     Equation: _eq_equation,
@@ -521,13 +590,36 @@ def _too_deep(s: str) -> bool:
     return False
 
 
+def _several(value: Value) -> bool:
+    """A gold of several values (solutions, named values): `\\pm` and "or" may enumerate them."""
+    return isinstance(value, (Bag, Labelled)) and len(value.items) > 1
+
+
 def _hedged(answer: str, gold: str, gold_value: Value) -> bool:
     """`\\pm 3` for 3, `2 or 3`: answers that offer several values where the gold has one."""
+    if _several(gold_value):
+        return False
     if _PM_RE.search(answer) and not _PM_RE.search(gold):
         return True
     if _OR_RE.search(answer) and not _OR_RE.search(gold):
         return not isinstance(gold_value, (Union, Seq))
     return False
+
+
+def join_parts(answers: list[str], gold: str) -> str | None:
+    """Several final answers as one, when the gold has several parts (`\\boxed{-2}`, `\\boxed{1}`
+    for `1, -2`); None when the gold is a single value (several answers are then a hedge)."""
+    if len(answers) < 2 or not all(a.strip() for a in answers):
+        return None
+    try:
+        value = parse_answer(gold)
+    except (Bomb, RecursionError, ValueError):
+        return None
+    if isinstance(value, (Bag, Labelled)) and len(value.items) > 1:
+        return ", ".join(answers)
+    if isinstance(value, Seq) and value.open != ":" and len(value.items) == len(answers):
+        return value.open + ", ".join(answers) + value.close
+    return None
 
 
 def verify(answer: str, gold: str, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
@@ -552,9 +644,38 @@ def verify(answer: str, gold: str, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
                     _cache.clear()
                 _cache[key] = result
         return result
-    except (Bomb, RecursionError, MemoryError, ArithmeticError, ValueError, TypeError, KeyError,
-            IndexError, AttributeError):
+    except (
+        Bomb,
+        RecursionError,
+        MemoryError,
+        ArithmeticError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+    ):
         return False
+
+
+def _equal_alternatives(answer: str, gold: str, gold_value: Value, deadline: float) -> bool:
+    """`\\frac{5}{4}, or 1.25`: alternatives joined by "or" are no hedge when each one is the gold."""
+    parts = [q for q in _OR_RE.split(clean(answer)) if q.strip(" ,")]
+    if len(parts) < 2 or len(parts) > 4 or _PM_RE.search(answer):
+        return False
+    return all(
+        not _hedged(q, gold, gold_value) and values_equal(gold_value, parse_answer(q.strip(" ,")), deadline)
+        for q in parts
+    )
+
+
+def _choice_letter(value: Value) -> str | None:
+    """The letter of a multiple-choice gold: `\\text{(C)}`, `(C)` or a lone capital `C`."""
+    if isinstance(value, Choice):
+        return value.letter
+    if isinstance(value, Scalar) and value.node[0] == "s" and value.node[1] in ("A", "B", "C", "D", "E"):
+        return value.node[1]
+    return None
 
 
 def _verify(answer: str, gold: str, deadline: float) -> bool:
@@ -567,7 +688,13 @@ def _verify(answer: str, gold: str, deadline: float) -> bool:
         return False
     gold_value = parse_answer(gold)
     if _hedged(answer, gold, gold_value):
-        return False
+        return _equal_alternatives(answer, gold, gold_value, deadline)
     if clean_answer == clean_gold:
         return True
+    letter = _choice_letter(gold_value)
+    m = re.match(r"\(([A-E])\)\s", clean_answer)
+    if letter is not None and m:  # "(B) 5": the letter of a choice followed by its value
+        return m.group(1) == letter
+    if _several(gold_value) and _OR_RE.search(answer):
+        answer = _OR_RE.sub(",", answer)  # x = 1 or x = -2: the solutions 1, -2
     return values_equal(gold_value, parse_answer(answer), deadline)

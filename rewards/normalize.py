@@ -92,6 +92,14 @@ class Matrix:
 
 
 @dataclass(frozen=True)
+class Labelled:
+    """Named values `k = 45, n = 2` or `AB = 4, CD = 5`: several different labels, each with a value."""
+
+    labels: tuple[str, ...]
+    items: tuple[Value, ...]
+
+
+@dataclass(frozen=True)
 class Equation:
     """`lhs = rhs` whose left side is not a lone variable (e.g. a plane `x + y - z = 1`)."""
 
@@ -135,18 +143,38 @@ class Unparsed:
     text: str
 
 
-Value = Scalar | Seq | Bag | Union | Matrix | Equation | Chain | Choice | BaseNumber | Text | Unparsed
+Value = Scalar | Seq | Bag | Labelled | Union | Matrix | Equation | Chain | Choice | BaseNumber | Text | Unparsed
 
 
 # ----------------------------------------------------------------------------------------------
 # Cleaning
 
 _UNICODE = {
-    "\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": r"\times ", "\u00b7": r"\cdot ",
-    "\u22c5": r"\cdot ", "\u00f7": r"\div ", "\u03c0": r"\pi ", "\u00b0": r"^\circ ",
-    "\u221a": r"\sqrt", "\u221e": r"\infty ", "\u2264": r"\le ", "\u2265": r"\ge ",
-    "\u00b1": r"\pm ", "\u2213": r"\mp ", "\u222a": r"\cup ", "\u2260": r"\ne ",
-    "\u00a0": " ", "\u2009": " ", "\u202f": " ", "\u200b": "",
+    "\u2208": r"\in ",
+    "\u2205": r"\emptyset ",
+    "\u211d": r"\mathbb{R}",
+    "\u2212": "-",
+    "\u2013": "-",
+    "\u2014": "-",
+    "\u00d7": r"\times ",
+    "\u00b7": r"\cdot ",
+    "\u22c5": r"\cdot ",
+    "\u00f7": r"\div ",
+    "\u03c0": r"\pi ",
+    "\u00b0": r"^\circ ",
+    "\u221a": r"\sqrt",
+    "\u221e": r"\infty ",
+    "\u2264": r"\le ",
+    "\u2265": r"\ge ",
+    "\u00b1": r"\pm ",
+    "\u2213": r"\mp ",
+    "\u222a": r"\cup ",
+    "\u2260": r"\ne ",
+    "\u00a0": " ",
+    "\u2009": " ",
+    "\u202f": " ",
+    "\u200b": "",
+    "\u2248": r"\approx ",
 }
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 
@@ -161,20 +189,52 @@ _FRAC_GROUP_DIGIT_RE = re.compile(r"\\(frac|binom)\s*\{([^{}]*)\}\s*([0-9a-zA-Z]
 _SQRT_CHAR_RE = re.compile(r"\\sqrt\s*([0-9a-zA-Z])")
 _DEGREES_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|\^\s*\{\s*\\text\{o\}\s*\}")
 _DOLLAR_RE = re.compile(r"\\\$|\\textdollar")
+_TEXT_UNIT_RE = re.compile(  # 5\text{ m}, 3 \mathrm{km/h}, 9\,\text{cm}^2: a short unit after a number
+    r"(?<=[\d}])\s*(?:\\[,;: ]\s*)*\\(?:text|mathrm|textnormal|textrm|mbox)\s*\{\s*[a-zA-Z]{1,3}(?:/[a-zA-Z]{1,3})?"
+    r"(?:\^\{?[23]\}?)?\s*\}(?:\s*\^\s*\{?[23]\}?)?\s*$"
+)
+_SLASH_UNIT_RE = re.compile(r"(?<=\d)\s*[a-zA-Z]{1,3}/[a-zA-Z]{1,3}$")  # 12 m/s, 60 km/h
+_SETS = [
+    (re.compile(r"\\mathbb\s*\{?\s*R\s*\}?"), r"(-\\infty, \\infty)"),
+    (re.compile(r"\\(?:varnothing|emptyset)(?![a-zA-Z])|\\\{\s*\\\}|^\{\s*\}$"), r"\\emptyset"),
+    (re.compile(r"\b(?:infinity|inf)\b", re.IGNORECASE), r"\\infty"),
+    (re.compile(r"\*\*"), "^"),  # Python's power
+]
 _TEXT_CMD_RE = re.compile(
-    r"\\(?:text|textbf|textit|textrm|textsf|texttt|mbox|mathrm|mathbf|mathit|mathsf|mathtt|"
+    r"\\(?:text|textbf|textit|textrm|textsf|texttt|textnormal|textup|mbox|hbox|mathrm|mathbf|mathit|mathsf|mathtt|"
     r"operatorname|emph|boldsymbol|bm)\s*\{([^{}]*)\}"
 )
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_X_IN_RE = re.compile(r"^[a-zA-Z]\s*\\in(?![a-zA-Z])\s*")
+_X_IN_RE = re.compile(r"^\\?[a-zA-Z]+\s*\\in(?![a-zA-Z])\s*")
+_APPROX_TAIL_RE = re.compile(r"^(.*?[\d}].*?)\s*(?:\\approx|\\sim|\\simeq)\s*-?[\d.,]+[^=]*$")
 _PLAIN_THOUSANDS_RE = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
 _SPACE_THOUSANDS_RE = re.compile(r"-?[1-9]\d{0,2}(?: \d{3})+(?:\.\d+)?")
 
 # Trailing words that are not units and must survive (so that "2 or 3" stays a hack and
 # "288 pi" stays a number times pi).
 _NOT_UNITS = {
-    "or", "and", "to", "pi", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp",
-    "sqrt", "infty", "infinity", "not", "nor", "either", "i", "e", "percent",
+    "or",
+    "and",
+    "to",
+    "pi",
+    "sin",
+    "cos",
+    "tan",
+    "cot",
+    "sec",
+    "csc",
+    "log",
+    "ln",
+    "exp",
+    "sqrt",
+    "infty",
+    "infinity",
+    "not",
+    "nor",
+    "either",
+    "i",
+    "e",
+    "percent",
 }
 _ATTACHED_UNITS_RE = re.compile(
     r"(?<=\d)\s*(?:cm|mm|km|ft|yd|mi|in|kg|mg|lbs|lb|oz|sec|min|hrs|hr|mph|ml|mL|cents?|"
@@ -227,9 +287,13 @@ def clean(s: str) -> str:
     s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
     s = _unwrap_boxed(s.strip())
     s = s.replace("\\\\", r" \cr ")  # matrix row breaks, before \, and friends are read
-    s = _DOLLAR_RE.sub(" ", s)
-    s = _DELIMS_RE.sub(" ", s)
-    s = s.replace(r"\left.", "").replace(r"\right.", "")
+    s = _DOLLAR_RE.sub(" ", s).replace("`", " ")
+    s = re.sub(r"\\(?:blacksquare|square|qed|Box)(?![a-zA-Z])|\\hfill", " ", s)  # end-of-proof marks
+    s = _DELIMS_RE.sub(" ", s).strip()
+    s = _TEXT_UNIT_RE.sub("", s)
+    for pattern, spelling in _SETS:
+        s = pattern.sub(spelling, s)
+    s = s.replace(r"\left.", "").replace(r"\right.", "").replace(r"\langle", "(").replace(r"\rangle", ")")
     s = _SIZING_RE.sub("", s)
     s = _THOUSANDS_MARK_RE.sub("", s)
     s = _SPACING_RE.sub(" ", s)
@@ -247,10 +311,15 @@ def clean(s: str) -> str:
             break
         s = s2
     s = _X_IN_RE.sub("", s.strip())
+    s = re.sub(r"^(?:approximately|approx\.?|about|around|roughly|exactly|precisely)\s+", "", s, flags=re.IGNORECASE)
+    m = _APPROX_TAIL_RE.match(s)  # "\frac{\sqrt3}{3} \approx 0.577": the exact value is the answer
+    if m:
+        s = m.group(1)
     s = re.sub(r"\s+and\s+", ", ", s)  # "3 and 5" is the list 3, 5
     s = " ".join(s.split())
     s = s.rstrip(".;, ").lstrip(":")
     s = re.sub(r"\s*\^\s*", "^", s)
+    s = _SLASH_UNIT_RE.sub("", s)
     s = _strip_units(s)
     s = re.sub(r"^(?:degrees?|percent)\b|\b(?:degrees?)$", "", s).strip()
     s = re.sub(r"\s*percent$", "%", s)
@@ -264,18 +333,72 @@ def clean(s: str) -> str:
 # Tokens
 
 _FUNCS = {
-    "sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh",
-    "tanh", "ln", "log", "exp",
+    "sin",
+    "cos",
+    "tan",
+    "cot",
+    "sec",
+    "csc",
+    "arcsin",
+    "arccos",
+    "arctan",
+    "sinh",
+    "cosh",
+    "tanh",
+    "ln",
+    "log",
+    "exp",
 }
 _GREEK = {
-    "alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta",
-    "vartheta", "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon",
-    "phi", "varphi", "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma",
-    "Phi", "Psi", "Omega",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "varepsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "vartheta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "varphi",
+    "chi",
+    "psi",
+    "omega",
+    "Gamma",
+    "Delta",
+    "Theta",
+    "Lambda",
+    "Xi",
+    "Sigma",
+    "Phi",
+    "Psi",
+    "Omega",
 }
-_RELATIONS = {"<": "<", ">": ">", r"\lt": "<", r"\gt": ">", r"\le": "<=", r"\leq": "<=",
-              r"\leqslant": "<=", r"\ge": ">=", r"\geq": ">=", r"\geqslant": ">=", "<=": "<=",
-              ">=": ">="}
+_RELATIONS = {
+    "<": "<",
+    ">": ">",
+    r"\lt": "<",
+    r"\gt": ">",
+    r"\le": "<=",
+    r"\leq": "<=",
+    r"\leqslant": "<=",
+    r"\ge": ">=",
+    r"\geq": ">=",
+    r"\geqslant": ">=",
+    "<=": "<=",
+    ">=": ">=",
+}
 _EQUALS = {"=", r"\approx", r"\equiv"}
 _TIMES = {"*", r"\cdot", r"\times", r"\ast"}
 _DIVIDE = {"/", r"\div", r"\over"}
@@ -284,7 +407,7 @@ _TOKEN_RE = re.compile(
     r"|(?P<bare>(?:arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|cot|sec|csc|log|ln|exp|sqrt|pi)(?![a-zA-Z]))"
     r"|(?P<cmd>\\[a-zA-Z]+|\\[{}|])"
     r"|(?P<rel><=|>=)"
-    r"|(?P<char>[a-zA-Z+\-*/^_(){}\[\]|!,=<>%&'])"
+    r"|(?P<char>[a-zA-Z+\-*/^_(){}\[\]|!,;:=<>%&'])"
     r"|(?P<space>\s+)"
 )
 _OPENERS = {"(": ")", "[": "]", "{": "}", r"\{": r"\}", r"\lfloor": r"\rfloor", r"\lceil": r"\rceil"}
@@ -402,7 +525,8 @@ class _ExprParser:
         if tok[0].isdigit() or tok[0] == "." or tok.isalpha() or tok in ("(", "{"):
             return True
         return tok.startswith("\\") and (
-            tok[1:] in _FUNCS or tok[1:] in _GREEK
+            tok[1:] in _FUNCS
+            or tok[1:] in _GREEK
             or tok in (r"\frac", r"\sqrt", r"\pi", r"\infty", r"\binom", r"\lfloor", r"\lceil")
         )
 
@@ -604,7 +728,7 @@ def parse_expr(tokens: tuple[str, ...]) -> Node:
 # Values from strings
 
 _MATRIX_RE = re.compile(
-    r"^\\begin\{(?P<env>[pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(?P<body>.*)\\end\{(?P=env)\}$", re.S
+    r"^\\begin\{(?P<env>[pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(?P<body>.*)\\end\{(?P=env)\}$", re.DOTALL
 )
 _CHOICE_RE = re.compile(r"^\(\s*([A-Ea-e])\s*\)$")
 _BASE_RE = re.compile(r"^([0-9A-Za-z]+)_\{?(\d+)\}?$")
@@ -614,8 +738,15 @@ _KNOWN_WORDS = _FUNCS | {"sqrt", "pi", "infty", "frac", "dfrac", "cdot", "times"
 
 def _looks_like_text(s: str) -> bool:
     """A word of three or more letters that is not a LaTeX command or a function name."""
-    stripped = re.sub(r"\\[a-zA-Z]+", " ", s)
+    stripped = re.sub(r"\\[a-zA-Z]+|_\{[^{}]*\}", " ", s)  # commands and subscripts (S_{ABC}) are not words
+    if "=" in stripped:
+        stripped = re.sub(r"\b[A-Z]{2,4}\b", " ", stripped)  # points named in a labelled value: AB = 4
+    if _SHORT_WORD_RE.search(stripped):
+        return True  # "no", "2 to 5": words, not the products n*o or t*o
     return any(w.group(0).lower() not in _KNOWN_WORDS for w in _WORD_RE.finditer(stripped))
+
+
+_SHORT_WORD_RE = re.compile(r"(?<![\\\w])(?:no|No|NO|to|of|is)(?![\w(])")
 
 
 def _text_key(s: str) -> str:
@@ -673,8 +804,7 @@ def _relation_to_interval(parts: list[tuple[str, ...]], ops: list[str]) -> Value
             lo, hi, lop, hop = nodes[2], nodes[0], ops[1], ops[0]
         else:
             raise ParseError("mixed inequality")
-        return Seq("(" if lop in ("<", ">") else "[", ")" if hop in ("<", ">") else "]",
-                   (Scalar(lo), Scalar(hi)))
+        return Seq("(" if lop in ("<", ">") else "[", ")" if hop in ("<", ">") else "]", (Scalar(lo), Scalar(hi)))
     raise ParseError("unsupported inequality")
 
 
@@ -691,7 +821,7 @@ def _parse_element(tokens: tuple[str, ...]) -> Value:
             return Seq(tokens[0], tokens[-1], tuple(_parse_element(t) for t in items))
         if len(inner) == 1 and inner[0].isalpha() and inner[0].upper() in "ABCDE":
             return Choice(inner[0].upper())
-    if _wraps_all(tokens) and tokens[0] == r"\{":
+    if _wraps_all(tokens) and (tokens[0] == r"\{" or (tokens[0] == "{" and "," in tokens)):  # {1, 2} is a set
         items = _split_top(tokens[1:-1], {","})
         return Bag(tuple(v for t in items for v in _parse_items(t)), braces=True)
     rel_parts = _split_top(tokens, set(_RELATIONS))
@@ -703,8 +833,15 @@ def _parse_element(tokens: tuple[str, ...]) -> Value:
             idx += 1
         return _relation_to_interval(rel_parts, ops)
     eq_parts = _split_top(tokens, _EQUALS)
+    if len(eq_parts) == 2 and _is_label(eq_parts[0]) and eq_parts[1]:
+        return _parse_element(eq_parts[1])  # (p, q) = (3, 2), AB = 4, f(x) = x^2: the value counts
     if len(eq_parts) > 1:
-        nodes = [parse_expr(p) for p in eq_parts]
+        try:
+            nodes = [parse_expr(p) for p in eq_parts]
+        except ParseError:
+            if len(eq_parts) < 3:
+                raise
+            nodes = [parse_expr(p) for p in eq_parts[1:]]  # "9 \& 2 = \frac{...}{...} = v": the values
         if nodes[0][0] == "s":  # x = 3, y = 2x + 3: the value is the right side
             nodes = nodes[1:]
         if len(nodes) == 1:
@@ -712,10 +849,54 @@ def _parse_element(tokens: tuple[str, ...]) -> Value:
         if len(eq_parts) == 2 and any(map(has_symbols, nodes)):
             return Equation(nodes[0], nodes[1])
         return Chain(tuple(nodes))
+    ratio = _split_top(tokens, {":"})
+    if len(ratio) > 1:
+        return Seq(":", ":", tuple(_parse_element(t) for t in ratio))
     percent = tokens[-1] == "%"
     if percent:
         tokens = tokens[:-1]
     return Scalar(parse_expr(tokens), percent)
+
+
+_LABEL_TOKENS = {"(", ")", "{", "}", "_", ",", ":", "'", r"\angle", r"\triangle", r"\overline", r"\vec"}
+
+
+def _is_label(tokens: tuple[str, ...]) -> bool:
+    """A name rather than a value: letters (with subscripts), `f(x)`, `(p, q)`, `S_{ABC}:S`."""
+    if not tokens or not any(t.isalpha() or t[1:] in _GREEK for t in tokens):
+        return False
+    sub_depth = 0  # inside a subscript group, where digits are part of the name (x_{12})
+    for i, tok in enumerate(tokens):
+        in_subscript = sub_depth > 0 or (i > 0 and tokens[i - 1] == "_")
+        if tok == "{" and i > 0 and tokens[i - 1] == "_":
+            sub_depth = 1
+        elif tok == "{" and sub_depth:
+            sub_depth += 1
+        elif tok == "}" and sub_depth:
+            sub_depth -= 1
+        elif not (tok.isalpha() or tok in _LABEL_TOKENS or tok[1:] in _GREEK or (in_subscript and tok.isdigit())):
+            return False
+    return True
+
+
+def _label_key(tokens: tuple[str, ...]) -> str:
+    return "".join(tokens)
+
+
+def _labelled(items: list[tuple[str, ...]]) -> Labelled | None:
+    """`k = 45, n = 2`: every item `label = value` with different labels (`x = 1, x = 2` is a list)."""
+    if len(items) < 2:
+        return None
+    labels, values = [], []
+    for item in items:
+        parts = _split_top(item, {"="})
+        if len(parts) != 2 or not _is_label(parts[0]) or not parts[1]:
+            return None
+        labels.append(_label_key(parts[0]))
+        values.append(_parse_element(parts[1]))
+    if len(set(labels)) != len(labels):
+        return None
+    return Labelled(tuple(labels), tuple(values))
 
 
 def _parse_items(tokens: tuple[str, ...]) -> list[Value]:
@@ -738,6 +919,9 @@ def parse_answer(s: str) -> Value:
 
 
 def _parse_cleaned(text: str) -> Value:
+    named = re.match(r"^[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*(\\begin\{.*)$", text, re.DOTALL)
+    if named:  # v = \begin{pmatrix} ... \end{pmatrix}
+        text = named.group(1)
     m = _MATRIX_RE.match(text)
     if m:
         rows = [r for r in re.split(r"\\cr(?![a-zA-Z])", m.group("body")) if r.strip()]
@@ -756,6 +940,8 @@ def _parse_cleaned(text: str) -> Value:
     pieces = re.split(r"\s+or\s+", text)  # inequalities joined by "or" form a union
     if len(pieces) > 1 and all(re.search(r"[<>]|\\[lg]e", p) for p in pieces):
         return Union(tuple(_parse_element(tokenize(p)) for p in pieces))
+    if len(pieces) > 1 and not _looks_like_text(text):
+        text = ", ".join(pieces)  # "2 or 3" lists two values (a hedge unless the gold says so too)
     if _looks_like_text(text):
         return Text(_text_key(text))
     tokens = tokenize(text)
@@ -764,9 +950,12 @@ def _parse_cleaned(text: str) -> Value:
         if len(pieces) > MAX_ITEMS:
             raise Bomb("too many items")
         return Union(tuple(_parse_element(p) for p in pieces))
-    items = _split_top(tokens, {","})
+    items = _split_top(tokens, {",", ";"})
     if len(items) > MAX_ITEMS:
         raise Bomb("too many items")
+    labelled = _labelled(items)
+    if labelled is not None:
+        return labelled
     values = [v for t in items for v in _parse_items(t)]
     if len(values) == 1:
         return values[0]

@@ -16,7 +16,7 @@ ROOT = Path(__file__).parents[1]
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rewards.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "rewards.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )
 
 
@@ -30,7 +30,16 @@ def test_import_pulls_in_no_heavy_modules() -> None:
 
 
 def test_public_api_is_short() -> None:
-    assert rewards.__all__ == ["grade", "verify", "extract_answer", "grade_batch", "TASKS"]
+    assert rewards.__all__ == [
+        "grade",
+        "verify",
+        "extract_answer",
+        "grade_batch",
+        "TASKS",
+        "POLICIES",
+        "POLICY_VERSION",
+        "describe_policy",
+    ]
 
 
 def test_check_prints_score_and_extraction() -> None:
@@ -41,6 +50,10 @@ def test_check_prints_score_and_extraction() -> None:
     assert json.loads(out.stdout) == {"score": 1.0, "extracted": "4"}
     out = _cli("check", "no answer", "4")
     assert json.loads(out.stdout) == {"score": 0.0, "extracted": None}
+    out = _cli("check", "The answer is 4.", "4", "--policy", "strict")
+    assert json.loads(out.stdout) == {"score": 0.0, "extracted": None}
+    out = _cli("check", "The answer is 4.", "4")
+    assert json.loads(out.stdout) == {"score": 1.0, "extracted": "4"}
 
 
 def test_batch_writes_rows_and_reports_malformed_lines(tmp_path: Path) -> None:
@@ -82,7 +95,9 @@ def test_console_script_if_installed() -> None:
     script = Path(sys.executable).parent / "rewards"
     if not script.exists():
         pytest.skip("console script not installed")
-    out = subprocess.run([str(script), "check", r"\boxed{3}", "3"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(script), "check", r"\boxed{3}", "3"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert json.loads(out.stdout)["score"] == 1.0, out.stderr
 
 

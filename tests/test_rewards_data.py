@@ -82,3 +82,34 @@ def test_gsm8k_golds() -> None:
     _check_rows(golds, "gsm8k", "The answer is $\\boxed{{{}}}$.")
     # the dataset's own solutions, graded against the full answer column, score 1
     assert all(grade(r["answer"], r["answer"], "gsm8k") == 1.0 for r in rows[:200])
+
+
+def test_math500_solutions_without_boxes() -> None:
+    """The default policy finds most final answers of real solutions with every box removed
+    (closing statements, last math), and never accepts another problem's gold."""
+    rows = _load("math500.jsonl")
+    box = re.compile(r"\\boxed\{((?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*)\}")
+    found, accepted_other = 0, []
+    for i, r in enumerate(rows):
+        text = box.sub(lambda m: m.group(1), r["solution"])
+        found += grade(text, r["answer"]) == 1.0
+        other = rows[(i * 7 + 11) % len(rows)]["answer"]
+        if not _same_answer(other, r["answer"]) and grade(text, other) == 1.0:
+            accepted_other.append(r["unique_id"])
+    assert found >= 0.8 * len(rows), f"only {found} of {len(rows)} unboxed solutions graded correct"
+    assert not accepted_other, accepted_other
+
+
+BENCH_DIR = Path(__file__).parents[1] / "scripts" / "data"
+
+
+@pytest.mark.parametrize("name", ["rewards_bench.jsonl", "rewards_bench_real.jsonl"])
+def test_benchmark_sets_have_no_false_positives(name: str) -> None:
+    """The labelled benchmark sets: no false positive, and at most 1% wrong (bombs excluded for speed)."""
+    rows = [json.loads(line) for line in (BENCH_DIR / name).read_text(encoding="utf-8").splitlines()]
+    rows = [r for r in rows if r["category"] != "bomb"]
+    scores = [grade(r["response"], r["gold"], r["task"]) for r in rows]
+    wrong = [(r["category"], r["gold"], r["response"][-80:]) for r, s in zip(rows, scores) if s != r["label"]]
+    false_positives = [(r["category"], r["gold"]) for r, s in zip(rows, scores) if r["label"] == 0 and s == 1.0]
+    assert not false_positives, false_positives
+    assert len(wrong) <= len(rows) // 100, wrong

@@ -59,7 +59,7 @@ GRADE = [  # (response, gold, task, expected score)
     ("The judges score each dive, so the answer is $\\boxed{3}$.", "3", "math", 1.0),
     # formats
     (MINERVA.format("42"), "42", "math", 1.0),
-    (r"**Final Answer**" "\n" r"\[" "\n" r"\boxed{\dfrac{14}{3}}" "\n" r"\]", r"\frac{14}{3}", "math", 1.0),
+    ("**Final Answer**\n\\[\n\\boxed{\\dfrac{14}{3}}\n\\]", r"\frac{14}{3}", "math", 1.0),
     ("No final answer given.", "3", "math", 0.0),
     # gsm8k: the gold may be the full solution ending in #### N
     ("9 * 2 = 18\n#### 18", "Janet sells 9 eggs.\n#### 18", "gsm8k", 1.0),

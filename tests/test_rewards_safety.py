@@ -25,7 +25,9 @@ BOMBS = {
     "nested_braces": r"\boxed{" + "{" * 10_000 + "3" + "}" * 10_000 + "}",
     "nested_parens": r"\boxed{" + "(" * 5000 + "3" + ")" * 5000 + "}",
     "nested_sqrt": r"\boxed{" + r"\sqrt{" * 300 + "2" + "}" * 300 + "}",
-    "huge_matrix": r"\boxed{\begin{pmatrix}" + r" \\ ".join(" & ".join(["1"] * 300) for _ in range(300)) + r"\end{pmatrix}}",
+    "huge_matrix": r"\boxed{\begin{pmatrix}"
+    + r" \\ ".join(" & ".join(["1"] * 300) for _ in range(300))
+    + r"\end{pmatrix}}",
     "many_boxes": r"\boxed{3}" * 5000,
     "long_list": r"\boxed{" + "3," * 50_000 + "3}",
     "answer_is_spam": "the answer is " * 50_000,
@@ -33,6 +35,19 @@ BOMBS = {
     "backslash_spam": "\\" * 300_000,
     "dollar_spam": "$" * 300_000,
     "unclosed_boxes": r"\boxed{" * 50_000,
+    # shapes the default policy's closing-statement, last-math and tag extractors must read in linear time
+    "answer_then_spaces": "answer" + " " * 300_000,
+    "open_answer_tags": "<answer>" * 40_000,
+    "open_asy_blocks": "[asy]" * 60_000 + "[/asy]" + "[asy]" * 20_000,
+    "hash_run": "#" * 300_000,
+    "math_pairs": "$1$ " * 70_000,
+    "math_list": "$x=1$, " * 50_000,
+    "math_or_paren": "$1$ (or " * 50_000,
+    "lead_words": "So " * 100_000,
+    "think_closes": "</think>" * 50_000,
+    "copulas": "x is " * 60_000,
+    "a_lines": "A: " * 100_000,
+    "answer_to_spam": "answer to " * 40_000,
 }
 
 
@@ -69,7 +84,9 @@ def test_sympy_timeout_kills_worker_and_falls_back() -> None:
 def _mixed_jobs() -> list[tuple[str, str, float]]:
     jobs = [(BOMBS["power_tower"], "3", 0.0), (BOMBS["nested_braces"], "3", 0.0)]
     jobs += [(rf"\boxed{{\frac{{\sqrt{{{k}}}}}{{{k}}}}}", rf"\frac{{1}}{{\sqrt{{{k}}}}}", 1.0) for k in (2, 3, 5, 6, 7)]
-    jobs += [(rf"\boxed{{{k}}}", str(k), 1.0) for k in range(20)] + [(rf"\boxed{{{k}}}", str(k + 1), 0.0) for k in range(20)]
+    jobs += [(rf"\boxed{{{k}}}", str(k), 1.0) for k in range(20)] + [
+        (rf"\boxed{{{k}}}", str(k + 1), 0.0) for k in range(20)
+    ]
     jobs += [(r"\boxed{" + SLOW[0] + "}", SLOW[1], 1.0)]
     return jobs
 
@@ -112,8 +129,27 @@ def test_timeout_holds_in_worker_processes() -> None:
 def test_random_strings_never_raise() -> None:
     rng = random.Random(7)
     alphabet = list("0123456789+-*/^_{}()[]|!,.=<>%&$ xyzie") + [
-        r"\frac", r"\sqrt", r"\pi", r"\boxed{", r"\pm", r"\left(", r"\right)", r"\cdot", r"\infty", r"\{", r"\}",
-        r"\begin{pmatrix}", r"\end{pmatrix}", r"\\", r"\text{", " or ", r"\cup", r"\le", r"\log_", "e10", "#### ",
+        r"\frac",
+        r"\sqrt",
+        r"\pi",
+        r"\boxed{",
+        r"\pm",
+        r"\left(",
+        r"\right)",
+        r"\cdot",
+        r"\infty",
+        r"\{",
+        r"\}",
+        r"\begin{pmatrix}",
+        r"\end{pmatrix}",
+        r"\\",
+        r"\text{",
+        " or ",
+        r"\cup",
+        r"\le",
+        r"\log_",
+        "e10",
+        "#### ",
     ]
     t0 = time.perf_counter()
     for _ in range(400):
