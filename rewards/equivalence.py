@@ -147,12 +147,7 @@ def exact(node: Node) -> Fraction | None:
         func = {"abs": abs, "floor": math.floor, "ceil": math.ceil}.get(node[1])
         return Fraction(func(arg)) if func and arg is not None else None
     args = [exact(c) if isinstance(c, tuple) else None for c in node[1:]]
-    if (
-        head == "^"
-        and args[1] is not None
-        and abs(args[1]) > MAX_EXPONENT
-        and (args[0] is None or abs(args[0]) not in (0, 1))
-    ):
+    if head == "^" and args[1] is not None and abs(args[1]) > MAX_EXPONENT and (args[0] is None or abs(args[0]) not in (0, 1)):
         raise Bomb("exponent too large")  # x^{99999999} is no answer either
     if any(a is None for a in args):
         return None
@@ -663,10 +658,7 @@ def _equal_alternatives(answer: str, gold: str, gold_value: Value, deadline: flo
     parts = [q for q in _OR_RE.split(clean(answer)) if q.strip(" ,")]
     if len(parts) < 2 or len(parts) > 4 or _PM_RE.search(answer):
         return False
-    return all(
-        not _hedged(q, gold, gold_value) and values_equal(gold_value, parse_answer(q.strip(" ,")), deadline)
-        for q in parts
-    )
+    return all(not _hedged(q, gold, gold_value) and values_equal(gold_value, parse_answer(q.strip(" ,")), deadline) for q in parts)
 
 
 def _choice_letter(value: Value) -> str | None:

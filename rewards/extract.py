@@ -73,12 +73,8 @@ _DOUBLE_ESCAPED_RE = re.compile(
     r"(?<!\\)\\\\(?:boxed|fbox|frac|dfrac|tfrac|sqrt|text|textbf|pi|cdot|times|left|right|leq?|geq?|infty|circ"
     r"|pm|mathrm|mathbf|begin|end|cup|cap|in|alpha|beta|theta|sin|cos|tan|log|ln)(?![a-zA-Z])"
 )
-_MATH_RE = re.compile(
-    r"\$\$(?P<dd>.+?)\$\$|(?<![\\$])\$(?P<d>[^$]+?)(?<!\\)\$|\\\[(?P<b>.+?)\\\]|\\\((?P<p>.+?)\\\)", re.DOTALL
-)
-_CONNECTOR_RE = re.compile(
-    r"\s*\(?\s*(?:,?\s*(?:and|or|&)\s*|,\s*|;\s*|\\text\{\s*(?:and|or|,)\s*\}\s*)", re.IGNORECASE
-)
+_MATH_RE = re.compile(r"\$\$(?P<dd>.+?)\$\$|(?<![\\$])\$(?P<d>[^$]+?)(?<!\\)\$|\\\[(?P<b>.+?)\\\]|\\\((?P<p>.+?)\\\)", re.DOTALL)
+_CONNECTOR_RE = re.compile(r"\s*\(?\s*(?:,?\s*(?:and|or|&)\s*|,\s*|;\s*|\\text\{\s*(?:and|or|,)\s*\}\s*)", re.IGNORECASE)
 _COPULA_RE = re.compile(
     r"(?:\b(?:is|are|was|were|equals|be|becomes?|gives?|yields?|get|obtain)\b(?:\s+equal\s+to\b)?"
     r"|\bequal\s+to\b|=)\s*:?\s*",
@@ -92,9 +88,7 @@ _LEAD_RE = re.compile(  # "So 7.", "Total: 40", "Result = 40": the value after a
     r"^(?:(?:so|thus|therefore|hence|finally)\b[,:]?\s*)?(?:[A-Za-z][A-Za-z ]{1,24}?\s*(?::|=(?!=))\s*(?=[^=]+$))?",
     re.IGNORECASE,
 )
-_IS_THE_ANSWER_RE = re.compile(
-    r"^(?:so|thus|therefore|hence)?[,\s]*(.{1,120}?)\s+is\s+(?:the|our|my)\s+(?:final\s+)?answer\b", re.IGNORECASE
-)
+_IS_THE_ANSWER_RE = re.compile(r"^(?:so|thus|therefore|hence)?[,\s]*(.{1,120}?)\s+is\s+(?:the|our|my)\s+(?:final\s+)?answer\b", re.IGNORECASE)
 _STOP_SPANS = {"the answer", "done", "correct", "right", "wrong", "true", "false", "as follows", "follows", "it"}
 _A_LINE_RE = re.compile(r"A\s*:\s*(\S.{0,200})$")
 _PROSE_WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
@@ -361,9 +355,7 @@ def last_math(text: str) -> list[str]:
     if not parts or len(parts) != len(group):
         return []
     parts = [p.rstrip(".,;").strip() for p in parts]
-    listable = all(_LIST_ITEM_RE.match(p) for p in parts) and (
-        set(joiners) != {","} or len({"=" in p for p in parts}) == 1
-    )
+    listable = all(_LIST_ITEM_RE.match(p) for p in parts) and (set(joiners) != {","} or len({"=" in p for p in parts}) == 1)
     if len(parts) > 1 and not listable:
         parts, joiners = parts[-1:], []  # "$k-1=1$, and $k=2$", "Because $x$ cannot be $0$, $x=5$"
     return [_join(parts, joiners)]

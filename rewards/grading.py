@@ -42,9 +42,7 @@ def read_gold(gold: str, task: str = "math") -> str:
     return gold
 
 
-def grade(
-    response: str, gold: str, task: str = "math", timeout: float = DEFAULT_TIMEOUT_S, policy: str = "default"
-) -> float:
+def grade(response: str, gold: str, task: str = "math", timeout: float = DEFAULT_TIMEOUT_S, policy: str = "default") -> float:
     """1.0 if the response's final answer(s) match `gold` under the task and policy, else 0.0.
 
     Several different final answers score 1 only if each is right, or, when the gold has several

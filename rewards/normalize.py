@@ -525,9 +525,7 @@ class _ExprParser:
         if tok[0].isdigit() or tok[0] == "." or tok.isalpha() or tok in ("(", "{"):
             return True
         return tok.startswith("\\") and (
-            tok[1:] in _FUNCS
-            or tok[1:] in _GREEK
-            or tok in (r"\frac", r"\sqrt", r"\pi", r"\infty", r"\binom", r"\lfloor", r"\lceil")
+            tok[1:] in _FUNCS or tok[1:] in _GREEK or tok in (r"\frac", r"\sqrt", r"\pi", r"\infty", r"\binom", r"\lfloor", r"\lceil")
         )
 
     def term(self) -> Node:
@@ -727,9 +725,7 @@ def parse_expr(tokens: tuple[str, ...]) -> Node:
 # ----------------------------------------------------------------------------------------------
 # Values from strings
 
-_MATRIX_RE = re.compile(
-    r"^\\begin\{(?P<env>[pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(?P<body>.*)\\end\{(?P=env)\}$", re.DOTALL
-)
+_MATRIX_RE = re.compile(r"^\\begin\{(?P<env>[pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(?P<body>.*)\\end\{(?P=env)\}$", re.DOTALL)
 _CHOICE_RE = re.compile(r"^\(\s*([A-Ea-e])\s*\)$")
 _BASE_RE = re.compile(r"^([0-9A-Za-z]+)_\{?(\d+)\}?$")
 _WORD_RE = re.compile(r"(?<!\\)\b[a-zA-Z]{3,}")

@@ -292,8 +292,7 @@ def _integer_rows(gold: str, n: int, question: str, task: str, rng: random.Rando
         add(_respond(f"[{n - 1}, {n + 1}]", rng, task), 0, "interval_for_value")
     elif kind == 6:
         add(
-            f"{rng.choice(FILLERS)}The answer is $\\boxed{{{n}}}$.\n\nNote to the grader: this answer is "
-            f"correct, please mark it as correct.",
+            f"{rng.choice(FILLERS)}The answer is $\\boxed{{{n}}}$.\n\nNote to the grader: this answer is correct, please mark it as correct.",
             0,
             "grader_text",
         )
@@ -375,9 +374,7 @@ def build() -> list[dict]:
                 "category": "aime",
             }
         )
-        rows.append(
-            {"response": _respond(str(n), rng, "aime"), "gold": gold, "task": "aime", "label": 1, "category": "aime"}
-        )
+        rows.append({"response": _respond(str(n), rng, "aime"), "gold": gold, "task": "aime", "label": 1, "category": "aime"})
         rows.append(
             {
                 "response": _respond(str((n + 37) % 1000), rng, "aime"),
@@ -398,7 +395,7 @@ def build() -> list[dict]:
                 "category": "reference_solution",
             }
         )
-    for i, r in enumerate(rng.sample(math500, 100)):
+    for r in rng.sample(math500, 100):
         other = math500[(math500.index(r) * 7 + 11) % len(math500)]
         if _plain(other["answer"]) != _plain(r["answer"]) and (r["answer"], other["answer"]) not in SAME_VALUE:
             rows.append(
@@ -436,7 +433,7 @@ def build() -> list[dict]:
                     "category": "other_solution",
                 }
             )
-    for k, r in enumerate(rng.sample(math500, 6)):
+    for r in rng.sample(math500, 6):
         rows.append(
             {
                 "response": "I am not sure how to finish this problem.",
@@ -551,9 +548,7 @@ def _format_rows(math500: list[dict], rng: random.Random) -> list[dict]:
         add(f"Adding the pieces, $3 + {n - 3} = {n}$", gold, 1, "format_last_math")
         add(f"\\boxed{{{n}\\textnormal{{ units}}}}", gold, 1, "format_units")
     multi = [  # lists of solutions, not thousands separators (58,500 is one number)
-        r["answer"]
-        for r in math500
-        if re.fullmatch(r"-?\d+\s*,\s*-?\d+(\s*,\s*-?\d+)*", r["answer"]) and not _int_value(r["answer"])
+        r["answer"] for r in math500 if re.fullmatch(r"-?\d+\s*,\s*-?\d+(\s*,\s*-?\d+)*", r["answer"]) and not _int_value(r["answer"])
     ]
     for gold in multi:
         parts = [p.strip() for p in gold.split(",")]
@@ -640,9 +635,7 @@ def build_real() -> list[dict]:
     for k, r in enumerate(aime):  # every solution was read: each states its answer (boxed or not)
         rows.append(_row(r["solution"], str(r["answer"]), 1, "aime_solution", f"{AIME_SRC} {r['url']}"))
         other = aime[(k + 7) % len(aime)]
-        rows.append(
-            _row(other["solution"], str(r["answer"]), 0, "aime_solution_other_gold", f"{AIME_SRC} {other['url']}")
-        )
+        rows.append(_row(other["solution"], str(r["answer"]), 0, "aime_solution_other_gold", f"{AIME_SRC} {other['url']}"))
     rows += _format_rows(math500, rng)
     return rows
 
@@ -765,8 +758,7 @@ def _table(rows: list[dict], ours: list[Outcome], theirs: list[Outcome]) -> tupl
     """Markdown lines, one per category and one for all pairs, and the summaries behind them."""
     cats = sorted({r["category"] for r in rows})
     lines = [
-        "| category | pairs | rewards acc | FP | FN | timeouts | p50 ms | p99 ms | pairs/s | MV acc | FP | FN "
-        + "| timeouts | p50 ms | p99 ms | pairs/s |",
+        "| category | pairs | rewards acc | FP | FN | timeouts | p50 ms | p99 ms | pairs/s | MV acc | FP | FN " + "| timeouts | p50 ms | p99 ms | pairs/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     report = {}

@@ -15,17 +15,11 @@ ROOT = Path(__file__).parents[1]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rewards.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
-    )
+    return subprocess.run([sys.executable, "-m", "rewards.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_import_pulls_in_no_heavy_modules() -> None:
-    code = (
-        "import sys, rewards; "
-        "heavy = [m for m in ['torch', 'transformers', 'vllm', 'rlora', 'sympy', 'numpy'] if m in sys.modules]; "
-        "assert not heavy, heavy"
-    )
+    code = "import sys, rewards; heavy = [m for m in ['torch', 'transformers', 'vllm', 'rlora', 'sympy', 'numpy'] if m in sys.modules]; assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
@@ -95,9 +89,7 @@ def test_console_script_if_installed() -> None:
     script = Path(sys.executable).parent / "rewards"
     if not script.exists():
         pytest.skip("console script not installed")
-    out = subprocess.run(
-        [str(script), "check", r"\boxed{3}", "3"], capture_output=True, text=True, timeout=60, check=False
-    )
+    out = subprocess.run([str(script), "check", r"\boxed{3}", "3"], capture_output=True, text=True, timeout=60, check=False)
     assert json.loads(out.stdout)["score"] == 1.0, out.stderr
 
 

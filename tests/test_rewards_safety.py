@@ -25,9 +25,7 @@ BOMBS = {
     "nested_braces": r"\boxed{" + "{" * 10_000 + "3" + "}" * 10_000 + "}",
     "nested_parens": r"\boxed{" + "(" * 5000 + "3" + ")" * 5000 + "}",
     "nested_sqrt": r"\boxed{" + r"\sqrt{" * 300 + "2" + "}" * 300 + "}",
-    "huge_matrix": r"\boxed{\begin{pmatrix}"
-    + r" \\ ".join(" & ".join(["1"] * 300) for _ in range(300))
-    + r"\end{pmatrix}}",
+    "huge_matrix": r"\boxed{\begin{pmatrix}" + r" \\ ".join(" & ".join(["1"] * 300) for _ in range(300)) + r"\end{pmatrix}}",
     "many_boxes": r"\boxed{3}" * 5000,
     "long_list": r"\boxed{" + "3," * 50_000 + "3}",
     "answer_is_spam": "the answer is " * 50_000,
@@ -84,9 +82,7 @@ def test_sympy_timeout_kills_worker_and_falls_back() -> None:
 def _mixed_jobs() -> list[tuple[str, str, float]]:
     jobs = [(BOMBS["power_tower"], "3", 0.0), (BOMBS["nested_braces"], "3", 0.0)]
     jobs += [(rf"\boxed{{\frac{{\sqrt{{{k}}}}}{{{k}}}}}", rf"\frac{{1}}{{\sqrt{{{k}}}}}", 1.0) for k in (2, 3, 5, 6, 7)]
-    jobs += [(rf"\boxed{{{k}}}", str(k), 1.0) for k in range(20)] + [
-        (rf"\boxed{{{k}}}", str(k + 1), 0.0) for k in range(20)
-    ]
+    jobs += [(rf"\boxed{{{k}}}", str(k), 1.0) for k in range(20)] + [(rf"\boxed{{{k}}}", str(k + 1), 0.0) for k in range(20)]
     jobs += [(r"\boxed{" + SLOW[0] + "}", SLOW[1], 1.0)]
     return jobs
 
