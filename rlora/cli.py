@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from rlora.eval.evaluate import EvalRequest, markdown, parse_benchmarks, recompute, resolve_policy, run_eval
 
     if args.recompute:
-        recomputed = {"benchmarks": recompute(Path(args.recompute) / "completions.jsonl", regrade=args.regrade)}
+        recomputed = {"benchmarks": recompute(Path(args.recompute) / "completions.jsonl", regrade=args.regrade, reward_policy=args.reward_policy)}
         print(markdown(recomputed), end="")
         return
     policy = resolve_policy(args.model, args.adapter, args.checkpoint, args.run, args.step, args.dtype)
@@ -111,6 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         kv_cache_gib=args.kv_cache_gib,
         max_num_seqs=args.max_num_seqs,
         seed=args.seed,
+        reward_policy=args.reward_policy,
     )
     results = run_eval(req)
     print((Path(args.out) / "results.md").read_text(), end="")
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM KV cache on CPU")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine runs at once")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward-policy", default="default", choices=("default", "strict"), help="how rewards finds the final answer (rewards.POLICIES)")
     p.add_argument("--recompute", metavar="OUT", help="print the table again from OUT/completions.jsonl (no sampling)")
     p.add_argument("--regrade", action="store_true", help="with --recompute: grade the saved completions again")
     p.set_defaults(func=cmd_eval)

@@ -77,6 +77,14 @@ class RunDir:
         done = {"wall_s": wall_s, "resumed": resumed, "time": time.time()}
         (self.path / DONE_FILE).write_text(json.dumps(done) + "\n")
 
+    def record(self, info: dict[str, object]) -> None:
+        """Merge `info` into `run.json`: what scored and ran the run beyond its config (e.g. the reward policy's version)."""
+        path = self.path / "run.json"
+        merged = {**(json.loads(path.read_text()) if path.exists() else {}), **info}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(merged, indent=2) + "\n")
+        os.replace(tmp, path)
+
     def set_config_key(self, key: str, value: object) -> None:
         """Change one key of the saved config (a sweep moving a run to another device)."""
         saved = json.loads(self.config_path.read_text())

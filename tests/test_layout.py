@@ -252,3 +252,22 @@ def test_harmless_vllm_warnings_are_dropped_and_others_kept():
         assert sum(1 for f in handler.filters) == 1
     finally:
         logger.removeHandler(handler)
+
+
+def test_reward_policy_is_a_checked_choice_and_reaches_the_grader(tmp_path):
+    import rewards
+    from rlora.rl.steps import reward_group
+    from rlora.rl.types import Prompt, Sample
+
+    assert set(CHOICES["reward_policy"]) == set(rewards.POLICIES)
+    with pytest.raises(ConfigError, match="reward_policy"):
+        RLConfig(reward_policy="lenient")
+    prompt = Prompt(problem_id="p", question="q", prompt_ids=(1,), reference="42", reward_task="math")
+    unboxed = Sample(completion_ids=(2,), sampler_logprobs=(-0.1,), text="The final answer is 42.", finish_reason="stop")
+    assert reward_group(prompt, [unboxed], 0, "default").rewards_G == [1.0]
+    assert reward_group(prompt, [unboxed], 0, "strict").rewards_G == [0.0]  # strict: boxed answers only
+    run = RunDir(tmp_path)
+    run.record({"reward_policy": rewards.describe_policy("strict")})
+    run.record({"dtype": "float32"})
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["dtype"] == "float32" and info["reward_policy"].startswith("rewards/strict/v")

@@ -102,7 +102,7 @@ class ScoredCompletion:
     num_tokens: int
 
 
-def score_samples(benchmark: str, problem: Problem, samples_K: Sequence[Sample]) -> list[ScoredCompletion]:
+def score_samples(benchmark: str, problem: Problem, samples_K: Sequence[Sample], reward_policy: str = "default") -> list[ScoredCompletion]:
     return [
         ScoredCompletion(
             benchmark,
@@ -113,8 +113,8 @@ def score_samples(benchmark: str, problem: Problem, samples_K: Sequence[Sample])
             dict(problem.meta),
             problem.question,
             s.text,
-            rewards.extract_answer(s.text, problem.reward_task),
-            rewards.grade(s.text, problem.reference, problem.reward_task),
+            rewards.extract_answer(s.text, problem.reward_task, policy=reward_policy),
+            rewards.grade(s.text, problem.reference, problem.reward_task, policy=reward_policy),
             s.finish_reason,
             len(s.completion_ids),
         )
@@ -164,12 +164,18 @@ def read_completions(path: str | Path) -> list[ScoredCompletion]:
     return [ScoredCompletion(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
-def recompute(path: str | Path, regrade: bool = False) -> dict[str, BenchmarkMetrics]:
+def recompute(path: str | Path, regrade: bool = False, reward_policy: str = "default") -> dict[str, BenchmarkMetrics]:
     """The benchmarks' metrics from a saved completions.jsonl, optionally graded again."""
     completions = read_completions(path)
     if regrade:
         completions = [
-            ScoredCompletion(**{**asdict(c), "answer": rewards.extract_answer(c.completion, c.task), "score": rewards.grade(c.completion, c.reference, c.task)})
+            ScoredCompletion(
+                **{
+                    **asdict(c),
+                    "answer": rewards.extract_answer(c.completion, c.task, policy=reward_policy),
+                    "score": rewards.grade(c.completion, c.reference, c.task, policy=reward_policy),
+                }
+            )
             for c in completions
         ]
     return summarize(completions)
@@ -223,6 +229,7 @@ def evaluate_problems(
     settings: Mapping[str, object] | None = None,
     progress: bool = True,
     runtime: Mapping[str, object] | None = None,
+    reward_policy: str = "default",
 ) -> dict[str, object]:
     """Sample, grade and summarize; with `out_dir`, write results.json, results.md and completions.jsonl.
 
@@ -246,7 +253,7 @@ def evaluate_problems(
             groups_P_K = sampler.sample(prompts[start : start + chunk], samples, max_tokens, temperature)
             t1 = time.perf_counter()
             for problem, samples_K in zip(problems[start : start + chunk], groups_P_K):
-                graded = score_samples(bench, problem, samples_K)
+                graded = score_samples(bench, problem, samples_K, reward_policy)
                 completions.extend(graded)
                 tokens += sum(g.num_tokens for g in graded)
                 bar.update(1)
@@ -289,14 +296,17 @@ def evaluate(
 EVAL_KEYS = ("answered", "truncated", "mean_tokens")
 
 
-def eval_policy(sampler: Sampler, problems_by_bench: Mapping[str, Sequence[Problem]], max_tokens: int, out_dir: Path | None) -> dict[str, float | None]:
+def eval_policy(
+    sampler: Sampler, problems_by_bench: Mapping[str, Sequence[Problem]], max_tokens: int, out_dir: Path | None, reward_policy: str = "default"
+) -> dict[str, float | None]:
     """RL's periodic evaluation of the live policy: one greedy sample per problem.
 
     Returns metrics-row keys `eval/<benchmark>/avg@1`, `.../avg@1_se`, `.../answered`,
     `.../truncated`, `.../mean_tokens`, and `eval_s`.
     """
     start = time.perf_counter()
-    results = evaluate_problems(sampler, problems_by_bench, 1, 0.0, max_tokens, out_dir, {"periodic": True}, progress=False)
+    settings = {"periodic": True, "reward_policy": rewards.describe_policy(reward_policy)}
+    results = evaluate_problems(sampler, problems_by_bench, 1, 0.0, max_tokens, out_dir, settings, progress=False, reward_policy=reward_policy)
     row: dict[str, float | None] = {}
     benchmarks = results["benchmarks"]
     assert isinstance(benchmarks, dict)
@@ -433,6 +443,7 @@ class EvalRequest:
     gpu_memory_utilization: float = 0.85  # CUDA only: the engine is alone on the GPU
     max_num_seqs: int = 256
     seed: int = 0
+    reward_policy: str = "default"  # rewards.POLICIES: how the final answer is found (recorded in results.json)
 
 
 def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
@@ -483,6 +494,7 @@ def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
             "model_path": model_path,
             "policy": req.policy.label,
             "dtype": dtype,
+            "reward_policy": rewards.describe_policy(req.reward_policy),
             "adapter_rank": req.policy.adapter_rank,
             "full_weights": req.policy.weights is not None,
             "benchmarks": list(req.benchmarks),
@@ -491,6 +503,6 @@ def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
             "seed": req.seed,
             "device": device,
         }
-        return evaluate_problems(sampler, problems, req.samples, req.temperature, req.max_tokens, req.out, settings, progress, runtime)
+        return evaluate_problems(sampler, problems, req.samples, req.temperature, req.max_tokens, req.out, settings, progress, runtime, req.reward_policy)
     finally:
         sampler.close()

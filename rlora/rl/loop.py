@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import rewards
 from rlora.config import RLConfig
 from rlora.data import batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
@@ -65,6 +66,7 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     if not world.is_main:
         return follow_rank0(run, learner)
     start_step = restore(run, learner)
+    run.record({"reward_policy": rewards.describe_policy(cfg.reward_policy), "dtype": cfg.dtype})
     handle = distributed.lead(learner)  # rank 0's handle; the learner itself in one process
     sampler = Sampler(
         EngineSpec(
@@ -91,7 +93,11 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)
     for step in bar:
         # policy v{step}, which this step samples from and checkpoint step_{step} holds
-        evals = eval_policy(sampler, eval_sets, cfg.max_tokens, run.path / "eval" / f"step_{step:06d}") if eval_sets and step % cfg.eval_every == 0 else {}
+        evals = (
+            eval_policy(sampler, eval_sets, cfg.max_tokens, run.path / "eval" / f"step_{step:06d}", cfg.reward_policy)
+            if eval_sets and step % cfg.eval_every == 0
+            else {}
+        )
         t0 = time.perf_counter()
         prompts_P = [make_prompt(p, tokenizer) for p in batch_for_step(problems, step, cfg.prompts_per_step, cfg.seed)]
         samples_P_G = sampler.sample(prompts_P, cfg.group_size, cfg.max_tokens, cfg.temperature)
@@ -109,7 +115,7 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
         save_if_due(run, cfg, handle, step + 1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", signal=f"{row['signal_groups']:.2f}")
     if eval_sets:  # the final policy (checkpoint step_<max_steps>) gets a row of its own
-        run.log({"step": cfg.max_steps, **eval_policy(sampler, eval_sets, cfg.max_tokens, run.path / "eval" / f"step_{cfg.max_steps:06d}")})
+        run.log({"step": cfg.max_steps, **eval_policy(sampler, eval_sets, cfg.max_tokens, run.path / "eval" / f"step_{cfg.max_steps:06d}", cfg.reward_policy)})
     sampler.close()
     run.close()
     distributed.shutdown(handle)  # releases ranks > 0 from follow_rank0

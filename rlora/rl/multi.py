@@ -62,6 +62,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+import rewards
 from rlora.config import ConfigError, RLConfig, parse_overrides
 from rlora.data import Problem, batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
@@ -231,6 +232,8 @@ def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> l
     model_path = resolve_model(first.model)
     learners = shared_base_learners([learner_spec(cfg, model_path, device) for cfg in cfgs])
     starts = [restore(run, learner) for (_, run), learner in zip(runs, learners)]
+    for cfg, (_, run) in zip(cfgs, runs):
+        run.record({"reward_policy": rewards.describe_policy(cfg.reward_policy), "dtype": cfg.dtype})
     sampler = Sampler(
         EngineSpec(
             model_path=model_path,

@@ -27,7 +27,7 @@ def reward_group(prompt: Prompt, samples_G: list[Sample], version: int, reward_p
             prompt_ids=prompt.prompt_ids,
             completion_ids=s.completion_ids,
             sampler_logprobs=s.sampler_logprobs,
-            reward=rewards.grade(s.text, prompt.reference, prompt.reward_task),
+            reward=rewards.grade(s.text, prompt.reference, prompt.reward_task, policy=reward_policy),
             text=s.text,
             finish_reason=s.finish_reason,
         )
