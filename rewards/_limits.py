@@ -27,6 +27,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO, TypeAlias
+
+# An AST of `rewards.normalize` as JSON: nested lists of strings and integers (see `rewards._worker`).
+JsonAst: TypeAlias = "list[str | int | JsonAst]"
 
 STARTUP_S = 20.0  # importing sympy on a loaded machine; beyond this the worker is broken
 POOL_SIZE = max(1, min(4, os.cpu_count() or 1))
@@ -47,12 +51,16 @@ class _Worker:
             env=env,
             start_new_session=True,  # a Ctrl-C meant for the parent does not kill it mid-call
         )
+        # Popen sets both pipes because both were requested with PIPE above.
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin: IO[bytes] = self.proc.stdin
+        self.stdout: IO[bytes] = self.proc.stdout
         self.buf = b""
         self.ready = False
 
     def readline(self, deadline: float) -> bytes | None:
         """The next line from the worker, or None if it is not there by `deadline`."""
-        fd = self.proc.stdout.fileno()
+        fd = self.stdout.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         while b"\n" not in self.buf:
@@ -76,8 +84,8 @@ class _Worker:
         return time.monotonic() - t0
 
     def request(self, message: bytes, deadline: float) -> bool | None:
-        self.proc.stdin.write(message)
-        self.proc.stdin.flush()
+        self.stdin.write(message)
+        self.stdin.flush()
         line = self.readline(deadline)
         if line is None:
             raise TimeoutError
@@ -93,7 +101,7 @@ class _Worker:
 
     def forget(self) -> None:
         """In a forked child: drop our copies of the pipes without touching the process."""
-        for f in (self.proc.stdin, self.proc.stdout):
+        for f in (self.stdin, self.stdout):
             try:
                 os.close(f.fileno())
             except (OSError, ValueError):
@@ -133,7 +141,7 @@ class _Pool:
                 self.idle.append(worker)
             self.cond.notify()
 
-    def call(self, op: str, a: list, b: list, deadline: float) -> bool | None:
+    def call(self, op: str, a: JsonAst, b: JsonAst, deadline: float) -> bool | None:
         worker = self.acquire(deadline)
         if worker is None:
             return None
@@ -160,7 +168,7 @@ calls = 0  # sympy requests made by this process (for benchmarks and curiosity)
 undecided = 0  # of which returned None: late, crashed, or no verdict
 
 
-def call(op: str, a: list, b: list, deadline: float) -> bool | None:
+def call(op: str, a: JsonAst, b: JsonAst, deadline: float) -> bool | None:
     """Run sympy operation `op` on two JSON ASTs; None if undecided by `deadline`."""
     global calls, undecided
     result = _pool.call(op, a, b, deadline) if deadline > time.monotonic() else None

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from fractions import Fraction
+from typing import TypeVar
 
 from rewards import _limits
 from rewards.normalize import (
@@ -132,6 +133,9 @@ def addresses_grader(text: str) -> bool:
 # Exact and numeric evaluation of ASTs
 
 
+_EXACT_FUNCS: dict[str, Callable[[Fraction], Fraction | int]] = {"abs": abs, "floor": math.floor, "ceil": math.ceil}
+
+
 def exact(node: Node) -> Fraction | None:
     """The value as a Fraction if it is rational and built from numbers only, else None.
 
@@ -144,32 +148,33 @@ def exact(node: Node) -> Fraction | None:
         return None
     if head == "f":
         arg = exact(node[2])
-        func = {"abs": abs, "floor": math.floor, "ceil": math.ceil}.get(node[1])
+        func = _EXACT_FUNCS.get(node[1])
         return Fraction(func(arg)) if func and arg is not None else None
     args = [exact(c) if isinstance(c, tuple) else None for c in node[1:]]
     if head == "^" and args[1] is not None and abs(args[1]) > MAX_EXPONENT and (args[0] is None or abs(args[0]) not in (0, 1)):
         raise Bomb("exponent too large")  # x^{99999999} is no answer either
-    if any(a is None for a in args):
+    values = [a for a in args if a is not None]
+    if len(values) != len(args):
         return None
     if head == "+":
-        return args[0] + args[1]
+        return values[0] + values[1]
     if head == "*":
-        return args[0] * args[1]
+        return values[0] * values[1]
     if head == "neg":
-        return -args[0]
+        return -values[0]
     if head == "/":
-        return args[0] / args[1] if args[1] != 0 else None
+        return values[0] / values[1] if values[1] != 0 else None
     if head == "^":
-        return _exact_power(args[0], args[1])
+        return _exact_power(values[0], values[1])
     if head == "!":
-        return Fraction(_checked_factorial(args[0]))
+        return Fraction(_checked_factorial(values[0]))
     if head == "binom":
-        n, k = args
+        n, k = values
         if n.denominator != 1 or k.denominator != 1 or n < 0 or n > MAX_FACTORIAL:
             return None
         return Fraction(math.comb(int(n), int(k))) if k >= 0 else Fraction(0)
     if head == "root":
-        radicand, index = args
+        radicand, index = values
         if index.denominator != 1 or index == 0:
             return None
         return _exact_power(radicand, 1 / index)
@@ -199,10 +204,10 @@ def _exact_power(base: Fraction, exponent: Fraction) -> Fraction | None:
     q = exponent.denominator
     if base < 0 or q > 64:
         return None
-    roots = [_int_root(base.numerator, q), _int_root(base.denominator, q)]
-    if None in roots:
+    num_root, den_root = _int_root(base.numerator, q), _int_root(base.denominator, q)
+    if num_root is None or den_root is None:
         return None
-    return _exact_power(Fraction(roots[0], roots[1]), Fraction(exponent.numerator))
+    return _exact_power(Fraction(num_root, den_root), Fraction(exponent.numerator))
 
 
 def _int_root(n: int, q: int) -> int | None:
@@ -365,7 +370,7 @@ def _numeric_verdict(g: Node, p: Node, relation: Callable[[complex, complex], bo
     return True if seen else None
 
 
-def _to_json(node: Node) -> list:
+def _to_json(node: Node) -> _limits.JsonAst:
     if node[0] == "n":
         return ["n", node[1].numerator, node[1].denominator]
     return [_to_json(c) if isinstance(c, tuple) else c for c in node]
@@ -433,11 +438,11 @@ def _in_order(gold: tuple[Value, ...], pred: tuple[Value, ...], deadline: float)
 
 
 def _eq_seq(g: Seq, p: Value, deadline: float) -> bool:
-    ratio = _ratio(g)
+    ratio, p_ratio = _ratio(g), _ratio(p)
     if ratio is not None and isinstance(p, Scalar):
         return scalars_equal(ratio, p.node, deadline)  # 7/32 for 7:32
-    if ratio is not None and _ratio(p) is not None:
-        return scalars_equal(ratio, _ratio(p), deadline)  # 14:64 for 7:32
+    if ratio is not None and p_ratio is not None:
+        return scalars_equal(ratio, p_ratio, deadline)  # 14:64 for 7:32
     if isinstance(p, Labelled) and g.open != ":":
         return _in_order(g.items, p.items, deadline)  # (p, q) = (3, 2) written as p = 3, q = 2
     if isinstance(p, Matrix):
@@ -544,19 +549,34 @@ def _eq_unparsed(g: Unparsed, p: Value, deadline: float) -> bool:
     return isinstance(p, Unparsed) and p.text == g.text
 
 
-COMPARATORS: dict[type, Callable[[Value, Value, float], bool]] = {
-    Scalar: _eq_scalar,
-    Seq: _eq_seq,
-    Bag: _eq_bag,
-    Labelled: _eq_labelled,
-    Union: _eq_union,
-    Matrix: _eq_matrix,
-    Equation: _eq_equation,
-    Chain: _eq_chain,
-    Choice: _eq_choice,
-    BaseNumber: _eq_base,
-    Text: _eq_text,
-    Unparsed: _eq_unparsed,
+_G = TypeVar("_G", bound=Value)
+Comparator = Callable[[Value, Value, float], bool]
+
+
+def _for_gold(kind: type[_G], compare: Callable[[_G, Value, float], bool]) -> Comparator:
+    """`compare`, which takes a gold of type `kind` only, as a comparator for any gold value."""
+
+    def comparator(g: Value, p: Value, deadline: float) -> bool:
+        if not isinstance(g, kind):  # values_equal picks the entry by type(g), so this never happens
+            raise TypeError(f"{type(g).__name__} gold given to the {kind.__name__} comparator")
+        return compare(g, p, deadline)
+
+    return comparator
+
+
+COMPARATORS: dict[type[Value], Comparator] = {
+    Scalar: _for_gold(Scalar, _eq_scalar),
+    Seq: _for_gold(Seq, _eq_seq),
+    Bag: _for_gold(Bag, _eq_bag),
+    Labelled: _for_gold(Labelled, _eq_labelled),
+    Union: _for_gold(Union, _eq_union),
+    Matrix: _for_gold(Matrix, _eq_matrix),
+    Equation: _for_gold(Equation, _eq_equation),
+    Chain: _for_gold(Chain, _eq_chain),
+    Choice: _for_gold(Choice, _eq_choice),
+    BaseNumber: _for_gold(BaseNumber, _eq_base),
+    Text: _for_gold(Text, _eq_text),
+    Unparsed: _for_gold(Unparsed, _eq_unparsed),
 }
 
 

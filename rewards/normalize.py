@@ -941,11 +941,11 @@ def _parse_cleaned(text: str) -> Value:
     if _looks_like_text(text):
         return Text(_text_key(text))
     tokens = tokenize(text)
-    pieces = _split_top(tokens, {r"\cup"})
-    if len(pieces) > 1:
-        if len(pieces) > MAX_ITEMS:
+    cup_pieces = _split_top(tokens, {r"\cup"})
+    if len(cup_pieces) > 1:
+        if len(cup_pieces) > MAX_ITEMS:
             raise Bomb("too many items")
-        return Union(tuple(_parse_element(p) for p in pieces))
+        return Union(tuple(_parse_element(p) for p in cup_pieces))
     items = _split_top(tokens, {",", ";"})
     if len(items) > MAX_ITEMS:
         raise Bomb("too many items")
