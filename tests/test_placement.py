@@ -192,21 +192,30 @@ def _prompt(ids: list[int]):
     return Prompt(problem_id="p", question="q", prompt_ids=tuple(ids), reference="1", reward_task="number")
 
 
-def test_handoff_drops_only_vllm_cast_notes_and_only_during_the_call():
+def test_handoff_drops_only_vllm_reload_notes_and_only_during_the_call():
     import logging
 
-    from rlora.engine.sampler import expected_casts_unlogged
+    from rlora.engine.sampler import expected_reload_notes_unlogged
 
-    logger = logging.getLogger("vllm.model_executor.models.utils")
+    utils = logging.getLogger("vllm.model_executor.models.utils")
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
-    logger.addHandler(handler)
+    for logger in (utils, layerwise):
+        logger.addHandler(handler)
     try:
-        with expected_casts_unlogged():
-            logger.warning("Attempted to load weight %s with dtype %s into parameter with dtype %s", "w", "f32", "bf16")
-            logger.warning("Failed to load weights")  # anything else still gets through
-        logger.warning("Attempted to load weight %s with dtype %s into parameter with dtype %s", "w", "f32", "bf16")
+        with expected_reload_notes_unlogged():
+            utils.warning("Attempted to load weight %s with dtype %s into parameter with dtype %s", "w", "f32", "bf16")
+            layerwise.warning("%s: Failed to load weights", "RotaryEmbedding")
+            utils.warning("Failed to load weights")  # anything else still gets through
+        utils.warning("Attempted to load weight %s with dtype %s into parameter with dtype %s", "w", "f32", "bf16")
+        layerwise.warning("%s: Failed to load weights", "ParallelLMHead")
     finally:
-        logger.removeHandler(handler)
-    assert seen == ["Failed to load weights", "Attempted to load weight w with dtype f32 into parameter with dtype bf16"]
+        for logger in (utils, layerwise):
+            logger.removeHandler(handler)
+    assert seen == [
+        "Failed to load weights",
+        "Attempted to load weight w with dtype f32 into parameter with dtype bf16",
+        "ParallelLMHead: Failed to load weights",
+    ]
