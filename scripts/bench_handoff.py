@@ -85,7 +85,7 @@ def publisher(learner: object, sampler: object) -> Callable[[int], dict[str, flo
     """`rlora.rl.handoff.publish` bound to this learner, sampler and the bf16 probe."""
     from rlora.rl import handoff as rl
 
-    probe = rl.Probe(rl.probe_ids(sampler.tokenizer), rl.PROBE_NOISE["bfloat16"])  # type: ignore[attr-defined]
+    probe = rl.make_probe(sampler.tokenizer, sampler.spec.dtype)  # type: ignore[attr-defined]
     return lambda version: rl.publish(learner, sampler, version, probe)  # type: ignore[arg-type]
 
 

@@ -29,7 +29,7 @@ from rlora.data import batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
 from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.eval.evaluate import eval_policy, load_benchmarks, parse_benchmarks
-from rlora.rl.handoff import PROBE_NOISE, Probe, probe_ids, publish
+from rlora.rl.handoff import make_probe, publish
 from rlora.rl.steps import learn, reward_group, step_metrics
 from rlora.runs import RunDir, create_run, reopen_run
 from rlora.train import distributed
@@ -85,7 +85,7 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
         )
     )
     tokenizer = sampler.tokenizer
-    probe = Probe(probe_ids(tokenizer), cfg.probe_tol or PROBE_NOISE[cfg.dtype])
+    probe = make_probe(tokenizer, cfg.dtype, cfg.probe_tol)  # tolerance calibrated at the first handoff
     publish(handle, sampler, start_step, probe)
 
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)

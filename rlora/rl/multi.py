@@ -67,7 +67,7 @@ from rlora.data import Problem, batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
 from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.experiments.sweep import SWEEP_FILE, Point, Sweep, check_same_config, parse_sweep, write_sweep_record
-from rlora.rl.handoff import PROBE_NOISE, Probe, probe_ids, publish
+from rlora.rl.handoff import Probe, make_probe, publish
 from rlora.rl.steps import learn, reward_group, step_metrics
 from rlora.runs import RunDir, create_run, reopen_run
 from rlora.train import lora
@@ -252,7 +252,7 @@ def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> l
             run=run,
             learner=learner,
             problems=load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed),
-            probe=Probe(probe_ids(sampler.tokenizer), cfg.probe_tol or PROBE_NOISE[cfg.dtype]),
+            probe=make_probe(sampler.tokenizer, cfg.dtype, cfg.probe_tol),
             start_step=start,
         )
         for k, (cfg, (_, run), learner, start) in enumerate(zip(cfgs, runs, learners, starts))
