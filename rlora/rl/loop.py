@@ -7,8 +7,9 @@ One step, top to bottom:
   4. centre     advantage = reward - mean reward of the group (GRPO-style, no std division)
   5. batch      groups whose rewards are all equal carry no gradient: counted, then dropped
   6. learn      loss = -(1/N) sum over tokens of w * A, w = p_learner / p_sampler (truncated at C)
-  7. hand off   the new adapter (or full weights) goes to the running engine, then a fixed probe
-                sequence must score the same under sampler and learner, else the run stops
+  7. hand off   the new adapter (or full weights) goes to the running engine; every engine worker's
+                fingerprint of what it serves must equal the learner's, and a fixed probe sequence
+                must score the same under sampler and learner, else the run stops (rlora.rl.handoff)
 
 Departures from the blog: the default loss truncates the importance weight at C = 2 (config
 `loss=is` gives the untruncated objective); rollouts are strictly on-policy (one optimizer step
