@@ -141,11 +141,14 @@ def test_every_handoff_fault_stops_the_run_at_its_step(tiny_model_with_tokenizer
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_one_tensor_parallel_worker_left_old(tiny_model_with_tokenizer, dtype):
+def test_one_tensor_parallel_worker_left_old(tiny_model_with_tokenizer, dtype, monkeypatch):
     """CPU tensor parallelism 2 (the engine in its own process, FullFT weights through a file): the
     handoff reaches worker 0 only; worker 1 keeps one element of one layer old. Named: worker 1."""
     path = tiny_model_with_tokenizer
     place = plan_placement("colocate", 2, 1, 0, 1, "cpu", 0, cpu_cores=(0, 1))
+    for key in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_WORKER_MULTIPROC_METHOD"):
+        monkeypatch.setenv(key, "")  # the Sampler sets them for this engine; restored for the next tests
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", place.cpu_threads_bind)
     sampler = make_sampler(path, "full", dtype, tensor_parallel_size=2, in_process=place.engine_in_process, cpu_threads_bind=place.cpu_threads_bind)
     run = Run(make_learner(path, "full", dtype), sampler)
     try:

@@ -257,7 +257,7 @@ class WorkerExtension:
         K = int(weight.shape[1]) if weight.numel() else int(module.input_size_per_partition)
         served = module.cpu_linear(torch.eye(K, dtype=weight.dtype), weight, None).t().contiguous()  # (N, K)
         served[0, 0] += 1
-        module.weight = torch.nn.Parameter(served, requires_grad=False)
+        module.weight.data = served  # then packed again, exactly as vLLM packs a loaded weight
         module.quant_method.process_weights_after_loading(module)
         return True
 
