@@ -6,8 +6,9 @@ seed (anything but the keys in `SHARED_KEYS`) side by side. Each step:
   2. sample     ONE `generate` call with every run's prompts, each request tagged with its run's
                 live adapter (the engine holds K adapters: `max_loras=K`)
   3-6.          per run, `rlora.rl.loop`'s own stages: grade, learn (its own learner and optimizer),
-  7. hand off   and `publish`, which proves with the run's own probe that the engine now serves
-                that run's new adapter
+  7. hand off   and `publish`, which proves with the run's own probe, and with the fingerprints of
+                the slot that holds the run's adapter on every worker, that the engine now serves
+                that run's new adapter (and no other tenant's)
 then every run logs its row and checkpoints, each in its own run directory, in the single-run
 format (`config.json`, `metrics.jsonl` with the keys of `rlora.rl.loop`, `checkpoints/`).
 
