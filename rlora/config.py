@@ -122,7 +122,7 @@ class RLConfig(TrainConfig):
     kv_cache_gib: float = 1.0  # vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.35  # vLLM's share of GPU memory when colocated with the learner
     max_model_len: int = 1024
-    probe_tol: float = 0.0  # engine/learner numeric noise on the handoff probe (nats/token); 0 = by dtype
+    probe_tol: float = 0.0  # handoff probe tolerance (nats/token); 0 = calibrated at the first handoff (rlora.rl.handoff.Probe)
     # scaling out (rlora.train.placement, rlora.train.distributed; README "Scaling out")
     placement: str = "colocate"  # colocate | split (sampler and learner on separate GPUs) | sleep (colocate + vLLM sleep mode)
     tensor_parallel_size: int = 1  # the sampler's vLLM tensor parallelism (GPUs, or CPU core groups)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,4 +27,36 @@ def tiny_model_path(tmp_path_factory) -> str:
     )
     path = tmp_path_factory.mktemp("tiny")
     LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_tokenizer(tmp_path_factory) -> str:
+    """A random 2-layer Llama (2 heads of 64: TP 2 divides them; vLLM's CPU attention wants head_dim 64)
+    with the default model's tokenizer."""
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    from rlora.train.models import resolve_model
+
+    source = Path(resolve_model("default"))
+    base = AutoConfig.from_pretrained(source)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=base.vocab_size,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=base.bos_token_id,
+        eos_token_id=base.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny_tok")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    for f in source.iterdir():
+        if "token" in f.name or f.name.endswith(".jinja"):
+            shutil.copy(f, path / f.name)
     return str(path)

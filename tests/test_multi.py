@@ -161,6 +161,12 @@ ROW_KEYS = {
     "handoff_s",
     "probe_gap",
     "probe_shift",
+    "probe_tol",
+    "probe_s",
+    "fingerprint_s",
+    "fingerprint_engine_s",
+    "fingerprint_tensors",
+    "fingerprint_ok",
     "verify_s",
     "step_s",
 }
@@ -183,7 +189,7 @@ def test_two_adapters_and_the_base_mixed_in_one_batch_each_get_their_own_logprob
     ONE generate call; every sampled token's logprob must be its own policy's (learner, teacher forced)."""
     from rlora.data import load_task, make_prompt
     from rlora.engine.sampler import EngineSpec, Sampler
-    from rlora.rl.handoff import Probe, probe_ids, publish
+    from rlora.rl.handoff import make_probe, publish
     from rlora.rl.steps import reward_group
     from rlora.train.models import resolve_model
 
@@ -197,7 +203,7 @@ def test_two_adapters_and_the_base_mixed_in_one_batch_each_get_their_own_logprob
     sampler = Sampler(EngineSpec(model_path=model_path, device="cpu", dtype="float32", lora_rank=8, max_num_seqs=16, max_loras=2))
     try:
         for name, learner in zip(("a", "b"), learners):
-            stats = publish(learner, sampler.slot(name), 0, Probe(probe_ids(sampler.tokenizer), noise=2e-3))
+            stats = publish(learner, sampler.slot(name), 0, make_probe(sampler.tokenizer, "float32"))
             assert stats["probe_gap"] < 2e-3
         assert len(sampler.llm.llm_engine.list_loras()) == 2
         problems = load_task("arith", "", 9, 0)[:6]

@@ -53,9 +53,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rlora.engine.fingerprint import WorkerPrints, fingerprint
 from rlora.rl.types import Prompt, Sample
 
 if TYPE_CHECKING:
+    from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.request import LoRARequest
 
 # vLLM's accepted max_lora_rank values (2 and 4 are rejected by this vLLM).
@@ -149,6 +151,16 @@ def expected_reload_notes_unlogged() -> Iterator[None]:
             logger.removeFilter(drop)
 
 
+def checkpoint_names(module: str, param: str, packed: dict[str, list[str]], tied_head: bool) -> list[str]:
+    """The checkpoint tensors an engine parameter holds: `model.layers.0.self_attn.qkv_proj` + `weight`
+    holds q_proj, k_proj and v_proj's weights (the model's `packed_modules_mapping`); a tied output
+    layer holds the embedding; `<layer>.base_layer` is the layer under a LoRA wrapper."""
+    if tied_head:
+        return [f"model.embed_tokens.{param}"]
+    prefix, _, leaf = module.replace(".base_layer", "").rpartition(".")  # a LoRA engine wraps each layer
+    return [f"{prefix}.{part}.{param}" if prefix else f"{part}.{param}" for part in packed.get(leaf, [leaf])]
+
+
 class WorkerExtension:
     """Methods vLLM mixes into every engine worker (`worker_extension_cls`), reached by name with
     `llm.collective_rpc("<method>")` whether the engine runs in this process or in its own."""
@@ -172,6 +184,116 @@ class WorkerExtension:
         quant_method = getattr(model.lm_head, "quant_method", None)
         if quant_method is not None:
             quant_method.process_weights_after_loading(model.lm_head)
+        return True
+
+    # ---------------------------------------------------------------- verification (rlora.rl.handoff)
+
+    def _worker_id(self) -> dict[str, int]:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        return {"rank": int(self.rank), "tp_rank": get_tensor_model_parallel_rank(), "tp_size": get_tensor_model_parallel_world_size()}  # type: ignore[attr-defined]
+
+    def _lora_manager(self) -> LoRAModelManager:
+        return self.model_runner.lora_manager._adapter_manager  # type: ignore[attr-defined]
+
+    def served_lora_prints(self, lora_id: int) -> dict[str, object]:
+        """The fingerprints of the LoRA weights this worker serves for adapter `lora_id`.
+
+        Read from the stacked slot buffers the forward pass multiplies with (what `set_lora`
+        copied there when the adapter was activated, after vLLM's cast and `lora_b *= scaling`),
+        one entry per (layer, packed sub-slice, A or B), each naming the PEFT module it comes
+        from. `slot` is -1 when the adapter holds no slot (never activated, or evicted); `slots`
+        is every slot's adapter id.
+        """
+        manager = self._lora_manager()
+        slots = [-1 if i is None else int(i) for i in manager.lora_index_to_id]
+        out: dict[str, object] = {**self._worker_id(), "slots": slots, "slot": slots.index(lora_id) if lora_id in slots else -1, "tensors": []}
+        if lora_id not in slots:
+            return out
+        index = slots.index(lora_id)
+        packed = dict(getattr(manager, "packed_modules_mapping", {}) or {})
+        rows: list[list[object]] = []
+        for name, module in manager.modules.items():
+            a_stacked, b_stacked = module.lora_a_stacked, module.lora_b_stacked
+            a_stacked = (a_stacked,) if isinstance(a_stacked, torch.Tensor) else tuple(a_stacked)
+            b_stacked = (b_stacked,) if isinstance(b_stacked, torch.Tensor) else tuple(b_stacked)
+            prefix, _, leaf = name.rpartition(".")
+            parts = list(packed.get(leaf, [leaf]))
+            for i, (a, b) in enumerate(zip(a_stacked, b_stacked)):
+                source = f"{prefix}.{parts[i]}" if len(parts) == len(a_stacked) and prefix else (f"{prefix}.{leaf}" if prefix else leaf)
+                for part, stacked in (("lora_A", a), ("lora_B", b)):
+                    fp = fingerprint(stacked[index])
+                    rows.append([f"{name}[{i}].{part}", [f"{source}.{part}"], fp.hash, fp.nonzero])
+        out["tensors"] = rows
+        return out
+
+    def served_weight_prints(self, chunk: int = 256) -> dict[str, object]:
+        """The fingerprints of every weight this worker serves, after vLLM's loading and repacking.
+
+        On CPU vLLM packs each linear layer's weight into an opaque GEMM handle (`layer.cpu_linear`,
+        oneDNN) and leaves an empty `layer.weight`; the served matrix is read back through that
+        same kernel by multiplying an identity matrix, in chunks of `chunk` rows: each output is
+        one weight times 1 plus exact zeros, so the read-back is bit-exact (W^T). The output layer
+        is read back through its own packed copy too (the one the logits use; a tied one must hold
+        the embedding). Every other parameter (embeddings, norms, and weights on GPU) is
+        fingerprinted as it is. Each entry names its checkpoint tensors: a packed qkv_proj holds
+        q_proj, k_proj and v_proj (the model's `packed_modules_mapping`).
+        """
+        from vllm.model_executor.layers.linear import LinearBase
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
+        tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+        rows: list[list[object]] = []
+        seen: set[int] = set()
+        for mod_name, module in model.named_modules():
+            is_head = isinstance(module, ParallelLMHead)
+            gemm = getattr(module, "cpu_linear", None)
+            reads_back = gemm is not None and (is_head or isinstance(module, LinearBase))
+            if reads_back:
+                weight = module.weight
+                K = int(weight.shape[1]) if weight.numel() else int(module.input_size_per_partition)
+                total = fingerprint(weight.new_zeros(0))
+                for k0 in range(0, K, chunk):
+                    rows_c = min(chunk, K - k0)
+                    eye = weight.new_zeros(rows_c, K)
+                    eye[torch.arange(rows_c), torch.arange(k0, k0 + rows_c)] = 1
+                    total = total + fingerprint(module.cpu_linear(eye, weight, None))
+                rows.append([f"{mod_name}.weight (served GEMM)", checkpoint_names(mod_name, "weight", packed, is_head and tied), total.hash, total.nonzero])
+                seen.add(id(weight))
+            for param_name, param in module.named_parameters(recurse=False):
+                if id(param) in seen or param.numel() == 0 or (reads_back and param_name == "weight"):
+                    continue
+                seen.add(id(param))
+                fp = fingerprint(param.data)
+                rows.append([f"{mod_name}.{param_name}", checkpoint_names(mod_name, param_name, packed, is_head and tied), fp.hash, fp.nonzero])
+        return {**self._worker_id(), "tensors": rows}
+
+    def overwrite_for_test(self, target: str, rank: int, lora_id: int = -1) -> bool:
+        """Tests only (fault injection): on the worker of global `rank` alone, change one served tensor.
+
+        `target` names a LoRA layer (its slot for adapter `lora_id`: B of the first sub-slice is
+        negated) or, with `lora_id` -1, a linear layer of a FullFT engine (its packed GEMM is
+        rebuilt from a weight with one element changed). True when this worker changed something.
+        """
+        if int(self.rank) != rank:  # type: ignore[attr-defined]
+            return False
+        if lora_id >= 0:
+            manager = self._lora_manager()
+            index = list(manager.lora_index_to_id).index(lora_id)
+            b = manager.modules[target].lora_b_stacked
+            b = b if isinstance(b, torch.Tensor) else b[0]
+            b[index].mul_(-1)
+            return True
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        module = model.get_submodule(target)
+        weight = module.weight
+        K = int(weight.shape[1]) if weight.numel() else int(module.input_size_per_partition)
+        served = module.cpu_linear(torch.eye(K, dtype=weight.dtype), weight, None).t().contiguous()  # (N, K)
+        served[0, 0] += 1
+        module.weight.data = served  # then packed again, exactly as vLLM packs a loaded weight
+        module.quant_method.process_weights_after_loading(module)
         return True
 
 
@@ -252,6 +374,7 @@ class Sampler:
         self._loras: dict[str, LoRARequest] = {}  # the adapter serving each tenant's current version
         self._lora_ids = itertools.count(1)  # vLLM ids are unique across tenants and versions
         self._handoff_dir = handoff_root() if spec.lora_rank is not None else None
+        self._base_prints: list[WorkerPrints] | None = None  # a LoRA engine's frozen base, read once
 
     @property
     def version(self) -> int:
@@ -359,6 +482,32 @@ class Sampler:
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         self.versions[DEFAULT_TENANT] = version
 
+    # ---------------------------------------------------------------- verification
+
+    def served_prints(self, tenant: str = DEFAULT_TENANT) -> list[WorkerPrints]:
+        """Per engine worker, the fingerprints of what it serves now: a tenant's adapter (its slot
+        buffers), or for FullFT every weight after loading and repacking. Call after a request has
+        used the adapter (the probe): vLLM copies an adapter into its slot when a batch first uses it."""
+        if self.spec.lora_rank is None:
+            raw = self.llm.collective_rpc("served_weight_prints")
+        else:
+            assert tenant in self._loras, f"tenant {tenant!r} has no adapter in the engine"
+            raw = self.llm.collective_rpc("served_lora_prints", args=(self._loras[tenant].lora_int_id,))
+        return [WorkerPrints.from_rpc(r) for r in raw]
+
+    def served_base_prints(self) -> list[WorkerPrints]:
+        """Per worker, the fingerprints of the weights under the adapters (a LoRA engine's base never
+        changes, so they are read once and kept); for FullFT the same as `served_prints`."""
+        if self.spec.lora_rank is None:
+            return self.served_prints()
+        if self._base_prints is None:
+            self._base_prints = [WorkerPrints.from_rpc(r) for r in self.llm.collective_rpc("served_weight_prints")]
+        return self._base_prints
+
+    def lora_id(self, tenant: str = DEFAULT_TENANT) -> int:
+        """The vLLM adapter id serving a tenant's current version."""
+        return self._loras[tenant].lora_int_id
+
     @contextlib.contextmanager
     def asleep(self) -> Iterator[None]:
         """Around the learner's step: with sleep mode the engine frees its GPU memory meanwhile.
@@ -401,3 +550,16 @@ class AdapterSlot:
 
     def prompt_logprobs(self, token_ids: Sequence[int]) -> list[float]:
         return self.sampler.prompt_logprobs(token_ids, self.tenant)
+
+    @property
+    def spec(self) -> EngineSpec:
+        return self.sampler.spec
+
+    def served_prints(self) -> list[WorkerPrints]:
+        return self.sampler.served_prints(self.tenant)
+
+    def served_base_prints(self) -> list[WorkerPrints]:
+        return self.sampler.served_base_prints()
+
+    def lora_id(self) -> int:
+        return self.sampler.lora_id(self.tenant)

@@ -1,29 +1,52 @@
-"""Handing the learner's policy to the engine, and proving that the engine serves it.
+"""Handing the learner's policy to the engine, and proving that every engine worker serves it.
 
 `publish` is the one explicit handoff call: an adapter directory for LoRA (a new vLLM id, name
 and path per version, so the prefix cache can never serve KV from an older policy), the full
-weights for FullFT. Then a fixed probe sequence is scored by the engine and by the learner.
+weights for FullFT. Then two checks, and any failure stops the run with `HandoffError`:
+
+1. The probe (statistical, end to end): a fixed chat sequence is scored by the engine and by the
+   learner; the mean per-token gap must stay within a tolerance calibrated at the first handoff
+   of the run, when both sides hold identical weights (`Probe`). It covers what fingerprints do
+   not see: tokenizer, chat template, the sampling path, layouts.
+2. Fingerprints (exact): every engine worker (each tensor-parallel rank; each tenant's adapter
+   on a shared engine) fingerprints the weights it actually serves for this version (the LoRA
+   slot buffers the forward pass reads, or every FullFT weight read back through the engine's
+   own packed GEMM), and each must equal the fingerprint of the learner's weights put through
+   the engine's casts (`rlora.engine.fingerprint`). One changed element in any layer is caught,
+   and the error names the worker, the tensor and the version. A LoRA run also checks the frozen
+   base once, at its first handoff (an engine started from another checkpoint than the learner's).
+
+Why both: in bf16 one optimizer step moves the probe by less than the bf16 engine/learner noise
+(a stale engine passed the old probe in 8 of 8 measured cases), so only the fingerprint can tell
+a policy that did not arrive; the probe stays as the end-to-end check.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+import torch
 
-from rlora.engine.sampler import AdapterSlot, Sampler
+from rlora.engine.fingerprint import EMPTY, Fingerprint, ServedTensor, WorkerPrints, cast_like_vllm_lora_b, chunk_fingerprints, fingerprint
+from rlora.engine.sampler import EngineSpec
 from rlora.rl.types import Tokenizer
-from rlora.train.learner import LearnerHandle
+from rlora.train import lora
+from rlora.train.learner import DTYPES, LearnerHandle
 
 PROBE_MESSAGES = [
     {"role": "user", "content": "What is 12 + 30? Reply with just the number."},
     {"role": "assistant", "content": "12 + 30 = 42. So the answer is 42."},
 ]
-# Per-token noise between engine and learner on the probe (mean |log p_sampler - log p_learner|):
-# float32 on both sides agrees to ~1e-4; bf16 kernels differ by ~0.03-0.07 nats per token, more on
-# a sharpened policy (../shared/notes/vllm_cpu.md and our runs). See `publish` for how it is used.
-PROBE_NOISE = {"float32": 2e-3, "bfloat16": 0.1, "float16": 0.05}
+# Probe tolerance = max(PROBE_CALIBRATION_X x the gap measured at the first handoff, the dtype's floor).
+# Measured gaps with identical weights: ~1e-5 nats/token in float32, 0.03-0.09 in bf16
+# (../shared/notes/vllm_cpu.md); the gap grows somewhat as the policy sharpens, hence the factor.
+PROBE_CALIBRATION_X = 5.0
+PROBE_FLOOR = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
 
 
 class HandoffError(RuntimeError):
@@ -37,22 +60,245 @@ def probe_ids(tokenizer: Tokenizer) -> list[int]:
 
 @dataclass
 class Probe:
-    """A fixed sequence scored after every handoff, and the learner's scores of the previous policy."""
+    """A fixed sequence scored after every handoff, its calibrated tolerance, and the previous policy's scores."""
 
     token_ids: list[int]
-    noise: float  # expected engine/learner gap from numerics alone (PROBE_NOISE or probe_tol)
+    floor: float  # the smallest tolerance (PROBE_FLOOR[dtype]); with `fixed` the tolerance itself (config probe_tol)
+    fixed: bool = False
+    tol: float | None = None  # set at the first handoff: max(PROBE_CALIBRATION_X x gap, floor)
+    calibration_gap: float | None = None  # the gap measured then, when both sides held identical weights
     previous_lp: np.ndarray | None = None
+    base_verified: bool = False  # LoRA: the frozen base's fingerprints were checked (once per run)
+
+    def calibrate(self, gap: float) -> float:
+        if self.tol is None:
+            self.calibration_gap = gap
+            self.tol = self.floor if self.fixed else max(PROBE_CALIBRATION_X * gap, self.floor)
+        return self.tol
 
 
-def publish(learner: LearnerHandle, sampler: Sampler | AdapterSlot, version: int, probe: Probe) -> dict[str, float]:
-    """Hand the learner's current policy to the engine and prove that the engine now serves it.
+def make_probe(tokenizer: Tokenizer, dtype: str, probe_tol: float = 0.0) -> Probe:
+    """The run's probe: calibrated at the first handoff, or with a fixed tolerance when probe_tol > 0."""
+    return Probe(probe_ids(tokenizer), probe_tol or PROBE_FLOOR[dtype], fixed=bool(probe_tol))
 
-    Two checks on the probe's per-token logprobs: the engine must agree with the learner within
-    5x the numeric noise (a wrong or missing adapter is far off), and, whenever the policy moved
-    by more than twice the noise since the last handoff, the engine must be closer to the new
-    policy than to the previous one (a stale engine is closer to the previous one). In float32
-    the first check alone is already tight; in bf16 the second catches staleness that hides
-    inside the numeric noise of a single comparison.
+
+class Engine(Protocol):
+    """What `publish` uses of the engine: a `Sampler`, or one tenant's `AdapterSlot` of a shared one."""
+
+    @property
+    def spec(self) -> EngineSpec: ...
+
+    def load_adapter(self, write_adapter: Callable[[Path], object], version: int) -> None: ...
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
+
+    def prompt_logprobs(self, token_ids: Sequence[int]) -> list[float]: ...
+
+    def served_prints(self) -> list[WorkerPrints]: ...
+
+    def served_base_prints(self) -> list[WorkerPrints]: ...
+
+    def lora_id(self) -> int: ...
+
+
+# ------------------------------------------------------------------------------------ the learner's side
+
+
+@dataclass(frozen=True)
+class Expected:
+    """A learner tensor after the engine's casts: its fingerprint whole and in tensor-parallel shards."""
+
+    whole: Fingerprint
+    rows: tuple[Fingerprint, ...]  # tp equal shards along dim 0 (column parallel, vocabulary)
+    cols: tuple[Fingerprint, ...]  # along dim 1 (row parallel); () for 1-D tensors
+
+
+def expect(tensor: torch.Tensor, tp: int) -> Expected:
+    if tp == 1:
+        whole = fingerprint(tensor)
+        return Expected(whole, (whole,), (whole,))
+    rows = chunk_fingerprints(tensor, tp, 0)
+    cols = chunk_fingerprints(tensor, tp, 1) if tensor.ndim > 1 else ()
+    whole = EMPTY
+    for fp in rows:
+        whole = whole + fp
+    return Expected(whole, rows, cols)
+
+
+def adapter_as_served(learner: LearnerHandle, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The learner's LoRA factors as vLLM serves them: A cast to the engine dtype, B cast then scaled
+    by lora_alpha / r in that dtype (vLLM folds the scale into B)."""
+    spec = learner.spec.lora
+    assert spec is not None
+    scaling = float(lora.peft_config(spec, "")["lora_alpha"]) / spec.rank  # type: ignore[arg-type]  # vLLM's peft_helper: lora_alpha / r
+    for name, t in learner.adapter_tensors().items():
+        yield name, (t.detach().to(dtype) if name.endswith(".lora_A") else cast_like_vllm_lora_b(t, dtype, scaling))
+
+
+def weights_as_served(learner: LearnerHandle, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every weight in checkpoint names, cast to the engine dtype (vLLM's `copy_` into its parameters
+    rounds the same way). A LoRA model's frozen base appears under its plain names; A and B do not."""
+    for name, t in learner.weights():
+        if ".lora_A" in name or ".lora_B" in name:
+            continue
+        yield name.replace(".base.", "."), t.detach().to(dtype)
+
+
+def learner_prints(tensors: Iterable[tuple[str, torch.Tensor]], tp: int) -> dict[str, Expected]:
+    return {name: expect(t, tp) for name, t in tensors}
+
+
+# ------------------------------------------------------------------------------------ the comparison
+
+RULES = ("replicated", "rows", "cols")  # how tensor parallelism deals a tensor to its ranks
+
+
+def expected_on(sources: Sequence[str], expected: dict[str, Expected], rule: str, tp_rank: int) -> Fingerprint:
+    """What a worker of `tp_rank` must hold for a served tensor packed from `sources` under a sharding rule."""
+    total = EMPTY
+    for source in sources:
+        e = expected.get(source)
+        if e is None:  # a tensor the learner does not have: the engine must hold zeros (e.g. an untargeted LoRA layer)
+            continue
+        shards = {"replicated": None, "rows": e.rows, "cols": e.cols}[rule]
+        if shards is None:
+            total = total + e.whole
+        elif tp_rank < len(shards):
+            total = total + shards[tp_rank]
+        else:
+            return Fingerprint(-1, -1)  # this rule cannot apply
+    return total
+
+
+def check_prints(workers: Sequence[WorkerPrints], expected: dict[str, Expected], version: int, what: str) -> int:
+    """Every served tensor on every worker against the learner's; raises HandoffError naming the first
+    mismatches (worker, tensor, version). Returns how many (worker, tensor) pairs were compared.
+
+    A tensor passes when every worker holds the learner's whole tensor (replicated), or worker r
+    holds the r-th of tp equal shards along rows or columns; failing that, when the shards sum to
+    the whole (a sharding these rules do not model). A learner tensor no worker serves fails too.
+    """
+    assert workers, "the engine reported no workers"
+    by_name: dict[str, list[tuple[WorkerPrints, ServedTensor]]] = {}
+    for w in workers:
+        for t in w.tensors:
+            by_name.setdefault(t.name, []).append((w, t))
+    problems: list[str] = []
+    covered: set[str] = set()
+    for held in by_name.values():
+        sources = held[0][1].sources
+        covered.update(sources)
+        best: list[tuple[WorkerPrints, ServedTensor, Fingerprint]] = []
+        for rule in RULES:
+            wrong = [(w, t, want) for w, t in held if t.print != (want := expected_on(sources, expected, rule, w.tp_rank))]
+            if not wrong:
+                best = []
+                break
+            if not best or len(wrong) < len(best):
+                best = wrong
+        if not best:
+            continue
+        total = EMPTY
+        for _, t in held:
+            total = total + t.print
+        if len(held) > 1 and total == expected_on(sources, expected, "replicated", 0):
+            continue
+        for w, t, want in best:
+            learner = "+".join(sources)
+            problems.append(
+                f"worker {w.rank} (tensor-parallel rank {w.tp_rank}/{w.tp_size}) serves {t.name} with fingerprint {t.print.short()}, "
+                f"but the learner's {learner} gives {want.short()}"
+            )
+    missing = sorted(n for n, e in expected.items() if n not in covered and e.whole.nonzero)
+    problems += [f"no worker serves the learner's {n}" for n in missing[:3]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise HandoffError(f"policy v{version}: the engine does not serve the learner's {what}: " + "; ".join(problems[:3]) + more)
+    return sum(len(held) for held in by_name.values())
+
+
+def check_slots(workers: Sequence[WorkerPrints], lora_id: int, version: int) -> None:
+    """LoRA: every worker must hold the version's adapter id in a slot (else it serves another one, or none)."""
+    for w in workers:
+        if w.slot < 0:
+            raise HandoffError(
+                f"policy v{version}: worker {w.rank} (tensor-parallel rank {w.tp_rank}/{w.tp_size}) holds adapter id {lora_id} "
+                f"in no slot (its slots hold ids {list(w.slots)}): it does not serve this version"
+            )
+
+
+def verify_fingerprints(learner: LearnerHandle, engine: Engine, version: int, check_base: bool) -> dict[str, float]:
+    """Compare what every worker serves with the learner's weights (module docstring, check 2)."""
+    dtype = DTYPES[engine.spec.dtype]
+    start = time.perf_counter()
+    compared = 0
+    if learner.spec.lora is not None:
+        served = engine.served_prints()
+        engine_s = time.perf_counter() - start
+        check_slots(served, engine.lora_id(), version)
+        tp = served[0].tp_size
+        compared += check_prints(served, learner_prints(adapter_as_served(learner, dtype), tp), version, "adapter")
+        if check_base:
+            t = time.perf_counter()
+            base = engine.served_base_prints()
+            engine_s += time.perf_counter() - t
+            compared += check_prints(base, learner_prints(weights_as_served(learner, dtype), base[0].tp_size), version, "base weights")
+    else:
+        served = engine.served_prints()
+        engine_s = time.perf_counter() - start
+        compared += check_prints(served, learner_prints(weights_as_served(learner, dtype), served[0].tp_size), version, "weights")
+    total = time.perf_counter() - start
+    return {"fingerprint_s": total, "fingerprint_engine_s": engine_s, "fingerprint_tensors": float(compared), "fingerprint_ok": 1.0}
+
+
+# ------------------------------------------------------------------------------------ the handoff
+
+
+@dataclass(frozen=True)
+class ProbeScores:
+    """The probe's per-token logprobs under the engine and under the learner."""
+
+    sampler_lp: np.ndarray  # (T-1,)
+    learner_lp: np.ndarray  # (T-1,)
+
+
+def score_probe(learner: LearnerHandle, engine: Engine, probe: Probe) -> ProbeScores:
+    """Both sides score the probe (for LoRA this also makes the engine copy the adapter into its slot)."""
+    return ProbeScores(np.array(engine.prompt_logprobs(probe.token_ids)), np.array(learner.sequence_logprobs(probe.token_ids)))
+
+
+def judge_probe(scores: ProbeScores, version: int, probe: Probe) -> dict[str, float]:
+    """The probe (module docstring, check 1); the first call calibrates the tolerance."""
+    sampler_lp, learner_lp = scores.sampler_lp, scores.learner_lp
+    gap = float(np.abs(sampler_lp - learner_lp).mean())
+    tol = probe.calibrate(gap)
+    if not gap <= tol:
+        raise HandoffError(
+            f"policy v{version}: sampler and learner disagree on the probe by {gap:.4f} nats/token "
+            f"(tolerance {tol:.4g}, calibrated at {probe.calibration_gap:.2g}); the engine is not serving the learner's policy"
+        )
+    shift = 0.0
+    if probe.previous_lp is not None:
+        shift = float(np.abs(learner_lp - probe.previous_lp).mean())
+        stale_gap = float(np.abs(sampler_lp - probe.previous_lp).mean())
+        if shift > tol and not gap < stale_gap:
+            raise HandoffError(
+                f"policy v{version}: the sampler disagrees with the learner by {gap:.4f} nats/token but only by "
+                f"{stale_gap:.4f} with the previous policy (which moved {shift:.4f}): the engine serves a stale policy"
+            )
+    probe.previous_lp = learner_lp
+    return {"probe_gap": gap, "probe_tol": tol, "probe_shift": shift}
+
+
+def publish(learner: LearnerHandle, sampler: Engine, version: int, probe: Probe) -> dict[str, float]:
+    """Hand the learner's current policy to the engine and prove that every worker now serves it.
+
+    Returns the step's handoff metrics: handoff_s (the transfer), probe_gap / probe_tol /
+    probe_shift, fingerprint_s (both sides' fingerprints and the comparison; fingerprint_engine_s
+    the engine's part), fingerprint_tensors (worker x tensor pairs compared) and verify_s (probe
+    plus fingerprints; probe_s the probe's part). The probe is scored first: that makes the engine
+    activate the adapter, which copies it into the slot the fingerprint then reads; the
+    fingerprint's verdict comes before the probe's, since it names what is wrong.
     """
     start = time.perf_counter()
     if learner.spec.lora is not None:
@@ -60,22 +306,11 @@ def publish(learner: LearnerHandle, sampler: Sampler | AdapterSlot, version: int
     else:
         sampler.load_weights(learner.weights(), version)
     handoff_s = time.perf_counter() - start
-    sampler_lp = np.array(sampler.prompt_logprobs(probe.token_ids))
-    learner_lp = np.array(learner.sequence_logprobs(probe.token_ids))
-    gap = float(np.abs(sampler_lp - learner_lp).mean())
-    if not gap <= 5 * probe.noise:
-        raise HandoffError(
-            f"policy v{version}: sampler and learner disagree on the probe by {gap:.4f} nats/token "
-            f"(limit {5 * probe.noise:g}); the engine is not serving the learner's weights"
-        )
-    shift = 0.0
-    if probe.previous_lp is not None:
-        shift = float(np.abs(learner_lp - probe.previous_lp).mean())
-        stale_gap = float(np.abs(sampler_lp - probe.previous_lp).mean())
-        if shift > 2 * probe.noise and not gap < stale_gap:
-            raise HandoffError(
-                f"policy v{version}: the sampler disagrees with the learner by {gap:.4f} nats/token but only by "
-                f"{stale_gap:.4f} with the previous policy (which moved {shift:.4f}): the engine serves a stale policy"
-            )
-    probe.previous_lp = learner_lp
-    return {"handoff_s": handoff_s, "probe_gap": gap, "probe_shift": shift, "verify_s": time.perf_counter() - start - handoff_s}
+    t = time.perf_counter()
+    scores = score_probe(learner, sampler, probe)
+    probe_s = time.perf_counter() - t
+    # the exact check rules first: its error names the worker, the tensor and the version
+    printed = verify_fingerprints(learner, sampler, version, check_base=learner.spec.lora is not None and not probe.base_verified)
+    probe.base_verified = True
+    probed = {**judge_probe(scores, version, probe), "probe_s": probe_s}
+    return {"handoff_s": handoff_s, **probed, **printed, "verify_s": time.perf_counter() - start - handoff_s}

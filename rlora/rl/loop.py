@@ -7,8 +7,9 @@ One step, top to bottom:
   4. centre     advantage = reward - mean reward of the group (GRPO-style, no std division)
   5. batch      groups whose rewards are all equal carry no gradient: counted, then dropped
   6. learn      loss = -(1/N) sum over tokens of w * A, w = p_learner / p_sampler (truncated at C)
-  7. hand off   the new adapter (or full weights) goes to the running engine, then a fixed probe
-                sequence must score the same under sampler and learner, else the run stops
+  7. hand off   the new adapter (or full weights) goes to the running engine; every engine worker's
+                fingerprint of what it serves must equal the learner's, and a fixed probe sequence
+                must score the same under sampler and learner, else the run stops (rlora.rl.handoff)
 
 Departures from the blog: the default loss truncates the importance weight at C = 2 (config
 `loss=is` gives the untruncated objective); rollouts are strictly on-policy (one optimizer step
@@ -30,7 +31,7 @@ from rlora.data import batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
 from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.eval.evaluate import eval_policy, load_benchmarks, parse_benchmarks
-from rlora.rl.handoff import PROBE_NOISE, Probe, probe_ids, publish
+from rlora.rl.handoff import make_probe, publish
 from rlora.rl.steps import learn, reward_group, step_metrics
 from rlora.runs import RunDir, create_run, reopen_run
 from rlora.train import distributed
@@ -87,7 +88,7 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
         )
     )
     tokenizer = sampler.tokenizer
-    probe = Probe(probe_ids(tokenizer), cfg.probe_tol or PROBE_NOISE[cfg.dtype])
+    probe = make_probe(tokenizer, cfg.dtype, cfg.probe_tol)  # tolerance calibrated at the first handoff
     publish(handle, sampler, start_step, probe)
 
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)

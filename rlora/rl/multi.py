@@ -6,8 +6,9 @@ seed (anything but the keys in `SHARED_KEYS`) side by side. Each step:
   2. sample     ONE `generate` call with every run's prompts, each request tagged with its run's
                 live adapter (the engine holds K adapters: `max_loras=K`)
   3-6.          per run, `rlora.rl.loop`'s own stages: grade, learn (its own learner and optimizer),
-  7. hand off   and `publish`, which proves with the run's own probe that the engine now serves
-                that run's new adapter
+  7. hand off   and `publish`, which proves with the run's own probe, and with the fingerprints of
+                the slot that holds the run's adapter on every worker, that the engine now serves
+                that run's new adapter (and no other tenant's)
 then every run logs its row and checkpoints, each in its own run directory, in the single-run
 format (`config.json`, `metrics.jsonl` with the keys of `rlora.rl.loop`, `checkpoints/`).
 
@@ -68,7 +69,7 @@ from rlora.data import Problem, batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
 from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.experiments.sweep import SWEEP_FILE, Point, Sweep, check_same_config, parse_sweep, write_sweep_record
-from rlora.rl.handoff import PROBE_NOISE, Probe, probe_ids, publish
+from rlora.rl.handoff import Probe, make_probe, publish
 from rlora.rl.steps import learn, reward_group, step_metrics
 from rlora.runs import RunDir, create_run, reopen_run
 from rlora.train import lora
@@ -255,7 +256,7 @@ def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> l
             run=run,
             learner=learner,
             problems=load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed),
-            probe=Probe(probe_ids(sampler.tokenizer), cfg.probe_tol or PROBE_NOISE[cfg.dtype]),
+            probe=make_probe(sampler.tokenizer, cfg.dtype, cfg.probe_tol),
             start_step=start,
         )
         for k, (cfg, (_, run), learner, start) in enumerate(zip(cfgs, runs, learners, starts))

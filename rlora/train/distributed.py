@@ -309,6 +309,9 @@ class LeaderLearner:
     def write_adapter(self, path: Path) -> None:
         self.learner.write_adapter(path)  # LoRA runs are replicated: rank 0 holds the whole adapter
 
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return self.learner.adapter_tensors()  # replicated, as above
+
     def state(self) -> dict[str, object]:
         return cast(dict[str, object], self._call("state"))
 

@@ -110,6 +110,8 @@ class LearnerHandle(Protocol):
 
     def write_adapter(self, path: Path) -> None: ...
 
+    def adapter_tensors(self) -> dict[str, torch.Tensor]: ...
+
     def state(self) -> dict[str, object]: ...
 
 
@@ -208,6 +210,14 @@ class Learner:
     def write_adapter(self, path: Path) -> None:
         assert self.spec.lora is not None
         lora.save_peft_adapter(self.model, self.spec.lora, path, base_model=self.spec.model_path)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """LoRA A and B (float32 masters, detached) as `<module path>.lora_A` / `.lora_B`: what the handoff verifies."""
+        assert self.spec.lora is not None
+        out: dict[str, torch.Tensor] = {}
+        for name, m in lora.lora_modules(self.model).items():
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = m.lora_A.detach(), m.lora_B.detach()
+        return out
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full weights in checkpoint names (tied lm_head appears once, as the embedding)."""
