@@ -111,6 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         args.kv_cache_gib,
         max_num_seqs=args.max_num_seqs,
         seed=args.seed,
+        prompt_format=args.prompt_format,
     )
     results = run_eval(req)
     print((Path(args.out) / "results.md").read_text(), end="")
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM KV cache on CPU")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine runs at once")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--prompt-format", default="", choices=["", "auto", "chat", "plain", "fewshot"], help="how questions become prompts (default: the run's, else auto)"
+    )
     p.add_argument("--recompute", metavar="OUT", help="print the table again from OUT/completions.jsonl (no sampling)")
     p.add_argument("--regrade", action="store_true", help="with --recompute: grade the saved completions again")
     p.set_defaults(func=cmd_eval)

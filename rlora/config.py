@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 # The valid values of every choice field, checked when a config is built, before anything loads.
 # Each list is the key set of the registry that implements it (a test keeps them equal):
 # rlora.train.lora.ALPHA_RULES / INITS, rlora.rl.advantages.ADVANTAGES, rlora.rl.losses.LOSSES /
-# NORMALIZERS, rlora.train.distributed.LEARNERS, rlora.devices.DTYPES (+ "auto"), rlora.tracking.TRACKERS.
+# NORMALIZERS, rlora.train.distributed.LEARNERS, rlora.devices.DTYPES (+ "auto"), rlora.tracking.TRACKERS,
+# rlora.data.PROMPT_FORMATS (+ "auto").
 CHOICES: dict[str, tuple[str, ...]] = {
     "alpha_rule": ("constant", "per_rank", "sqrt"),
     "lora_init": ("default", "gaussian", "gaussian_ab"),
@@ -37,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "learner_parallel": ("ddp", "fsdp"),
     "task": ("arith", "gsm8k", "math"),
     "reward_policy": ("default", "strict"),
+    "prompt_format": ("auto", "chat", "plain", "fewshot"),
 }
 REPORT_TO = ("tensorboard", "wandb")
 
@@ -107,6 +109,9 @@ class RLConfig(TrainConfig):
     train_data: str = ""  # local JSONL in the Hub schema, or a Hub dataset name; "" = the task's default
     arith_max: int = 9  # synthetic arithmetic: operands drawn from 1..arith_max
     reward_policy: str = "default"  # how rewards finds the final answer: default | strict (boxed only); see rewards
+    # how a question becomes a prompt (rlora.data.PROMPT_FORMATS): auto = chat where the tokenizer has a chat
+    # template, else plain | chat | plain (Question:/Answer:, for base models) | fewshot (4 worked examples, then plain)
+    prompt_format: str = "auto"
     # sampling
     prompts_per_step: int = 8
     group_size: int = 8

@@ -249,7 +249,12 @@ class Sampler:
         from vllm.inputs import TokensPrompt
 
         assert tenants is None or len(tenants) == len(prompts), f"{len(tenants or ())} tenants for {len(prompts)} prompts"
-        params = SamplingParams(n=group_size, temperature=temperature, top_p=1.0, max_tokens=max_tokens, logprobs=0)
+        # one SamplingParams per distinct stop list (a base model's prompt format stops at its next "Question:")
+        by_stop = {
+            stop: SamplingParams(n=group_size, temperature=temperature, top_p=1.0, max_tokens=max_tokens, logprobs=0, stop=list(stop) or None)
+            for stop in {p.stop for p in prompts}
+        }
+        params = [by_stop[p.stop] for p in prompts]
         requests = [TokensPrompt(prompt_token_ids=list(p.prompt_ids)) for p in prompts]
         lora = self._lora if tenants is None else self._requests(tenants)
         outputs = self.llm.generate(requests, params, lora_request=lora, use_tqdm=False)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rlora.data import render_turn, resolve_prompt_format
 from rlora.engine.sampler import AdapterSlot, Sampler
 from rlora.rl.types import Tokenizer
 from rlora.train.learner import LearnerHandle
@@ -30,9 +31,11 @@ class HandoffError(RuntimeError):
     """The sampler does not serve the policy the learner just produced."""
 
 
-def probe_ids(tokenizer: Tokenizer) -> list[int]:
-    text = tokenizer.apply_chat_template(PROBE_MESSAGES, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
+def probe_ids(tokenizer: Tokenizer, prompt_format: str = "auto") -> list[int]:
+    """The probe exchange in the run's prompt format (a base model without a chat template gets plain text)."""
+    name = resolve_prompt_format(prompt_format, tokenizer)
+    text = render_turn(PROBE_MESSAGES[0]["content"], PROBE_MESSAGES[1]["content"], "number", tokenizer, name)
+    return tokenizer.encode(text, add_special_tokens=name != "chat")
 
 
 @dataclass

@@ -85,15 +85,19 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
         )
     )
     tokenizer = sampler.tokenizer
-    probe = Probe(probe_ids(tokenizer), cfg.probe_tol or PROBE_NOISE[cfg.dtype])
+    probe = Probe(probe_ids(tokenizer, cfg.prompt_format), cfg.probe_tol or PROBE_NOISE[cfg.dtype])
     publish(handle, sampler, start_step, probe)
 
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)
     for step in bar:
         # policy v{step}, which this step samples from and checkpoint step_{step} holds
-        evals = eval_policy(sampler, eval_sets, cfg.max_tokens, run.path / "eval" / f"step_{step:06d}") if eval_sets and step % cfg.eval_every == 0 else {}
+        evals = (
+            eval_policy(sampler, eval_sets, cfg.max_tokens, cfg.prompt_format, run.path / "eval" / f"step_{step:06d}")
+            if eval_sets and step % cfg.eval_every == 0
+            else {}
+        )
         t0 = time.perf_counter()
-        prompts_P = [make_prompt(p, tokenizer) for p in batch_for_step(problems, step, cfg.prompts_per_step, cfg.seed)]
+        prompts_P = [make_prompt(p, tokenizer, cfg.prompt_format) for p in batch_for_step(problems, step, cfg.prompts_per_step, cfg.seed)]
         samples_P_G = sampler.sample(prompts_P, cfg.group_size, cfg.max_tokens, cfg.temperature)
         t1 = time.perf_counter()
         groups_P = [reward_group(p, s, sampler.version, cfg.reward_policy) for p, s in zip(prompts_P, samples_P_G)]
@@ -109,7 +113,7 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
         save_if_due(run, cfg, handle, step + 1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", signal=f"{row['signal_groups']:.2f}")
     if eval_sets:  # the final policy (checkpoint step_<max_steps>) gets a row of its own
-        run.log({"step": cfg.max_steps, **eval_policy(sampler, eval_sets, cfg.max_tokens, run.path / "eval" / f"step_{cfg.max_steps:06d}")})
+        run.log({"step": cfg.max_steps, **eval_policy(sampler, eval_sets, cfg.max_tokens, cfg.prompt_format, run.path / "eval" / f"step_{cfg.max_steps:06d}")})
     sampler.close()
     run.close()
     distributed.shutdown(handle)  # releases ranks > 0 from follow_rank0

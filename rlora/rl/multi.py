@@ -191,7 +191,9 @@ def multi_step(sampler: Sampler, tenants: Sequence[Tenant], step: int) -> list[d
     handoff keys are the run's own.
     """
     t0 = time.perf_counter()
-    prompts_K_P = [[make_prompt(p, sampler.tokenizer) for p in batch_for_step(t.problems, step, t.cfg.prompts_per_step, t.cfg.seed)] for t in tenants]
+    prompts_K_P = [
+        [make_prompt(p, sampler.tokenizer, t.cfg.prompt_format) for p in batch_for_step(t.problems, step, t.cfg.prompts_per_step, t.cfg.seed)] for t in tenants
+    ]
     shared = tenants[0].cfg  # group_size, max_tokens, temperature are SHARED_KEYS
     slots = [t.slot for t, prompts_P in zip(tenants, prompts_K_P) for _ in prompts_P]
     samples_N_G = sampler.sample([p for prompts_P in prompts_K_P for p in prompts_P], shared.group_size, shared.max_tokens, shared.temperature, slots)
@@ -252,7 +254,7 @@ def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> l
             run=run,
             learner=learner,
             problems=load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed),
-            probe=Probe(probe_ids(sampler.tokenizer), cfg.probe_tol or PROBE_NOISE[cfg.dtype]),
+            probe=Probe(probe_ids(sampler.tokenizer, cfg.prompt_format), cfg.probe_tol or PROBE_NOISE[cfg.dtype]),
             start_step=start,
         )
         for k, (cfg, (_, run), learner, start) in enumerate(zip(cfgs, runs, learners, starts))

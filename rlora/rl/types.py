@@ -26,9 +26,10 @@ class Prompt:
 
     problem_id: str  # stable id within its dataset (used for logging and dedup)
     question: str  # the user message before the chat template
-    prompt_ids: tuple[int, ...]  # chat-templated token ids fed to the sampler and the learner
+    prompt_ids: tuple[int, ...]  # the rendered prompt's token ids (chat template or plain text), fed to sampler and learner
     reference: str  # gold answer, graded by `rewards.grade(..., task)`
     reward_task: str  # the rewards task that grades it: "math", "gsm8k", "aime", "number"
+    stop: tuple[str, ...] = ()  # strings that end a completion besides EOS (a base model's prompt format, rlora.data.PROMPT_FORMATS)
 
 
 @dataclass(frozen=True, kw_only=True)
