@@ -29,6 +29,7 @@ from rlora.data import batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
 from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.eval.evaluate import eval_policy, load_benchmarks, parse_benchmarks
+from rlora.plan import check_before_loading
 from rlora.rl.handoff import PROBE_NOISE, Probe, probe_ids, publish
 from rlora.rl.steps import learn, reward_group, step_metrics
 from rlora.runs import RunDir, create_run, reopen_run
@@ -54,8 +55,9 @@ def follow_rank0(run: RunDir, learner: Learner) -> RunDir:
 def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     cfg = resolve_precision(cfg)  # dtype auto -> bfloat16 or float32 (run_rl saves the resolved value)
     seed_everything(cfg.seed)
-    world = distributed.init_world()  # one process, or one of torchrun's (README "Scaling out")
     device = resolve_device(cfg.device)
+    check_before_loading(cfg, device, distributed.world_size_from_env())  # a config that cannot fit fails here, naming the key
+    world = distributed.init_world()  # one process, or one of torchrun's (README "Scaling out")
     place = placement_for(cfg, device, world)
     model_path = resolve_model(cfg.model)
     problems = load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed)
@@ -122,6 +124,7 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
 
 def run_rl(cfg: RLConfig, name: str = "rl", progress: bool = True) -> RunDir:
     cfg = resolve_precision(cfg)  # config.json records the dtype the run uses, not "auto"
+    check_before_loading(cfg, resolve_device(cfg.device), distributed.world_size_from_env())  # before the run directory exists
     return train(cfg, distributed.from_rank0(lambda: create_run(cfg, name, "rl")), progress)
 
 

@@ -67,6 +67,7 @@ from rlora.data import Problem, batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
 from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.experiments.sweep import SWEEP_FILE, Point, Sweep, check_same_config, parse_sweep, write_sweep_record
+from rlora.plan import check_before_loading
 from rlora.rl.handoff import PROBE_NOISE, Probe, probe_ids, publish
 from rlora.rl.steps import learn, reward_group, step_metrics
 from rlora.runs import RunDir, create_run, reopen_run
@@ -230,6 +231,8 @@ def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> l
     first = cfgs[0]
     seed_everything(first.seed)
     device = resolve_device(first.device)
+    # one base and one engine; learners step one after another: the largest micro-batch bounds the peak
+    check_before_loading(max(cfgs, key=lambda c: c.micro_batch * c.max_tokens), device, 1)
     model_path = resolve_model(first.model)
     learners = shared_base_learners([learner_spec(cfg, model_path, device) for cfg in cfgs])
     starts = [restore(run, learner) for (_, run), learner in zip(runs, learners)]

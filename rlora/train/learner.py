@@ -56,6 +56,11 @@ def load_policy(spec: LearnerSpec) -> nn.Module:
     if spec.dtype not in DTYPES:
         raise ValueError(f"config key 'dtype' must be one of {sorted(DTYPES)}, got {spec.dtype!r}")
     model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
+    return prepare_policy(model, spec)
+
+
+def prepare_policy(model: nn.Module, spec: LearnerSpec) -> nn.Module:
+    """A float32 causal LM made into the policy: LoRA applied (base in compute precision) or all trainable, on its device."""
     if spec.lora is not None:
         model.to(DTYPES[spec.dtype])  # frozen base in compute precision
         # Our own generator: an in-process vLLM engine reseeds the global RNGs.
