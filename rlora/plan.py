@@ -11,7 +11,9 @@ Bytes per learner device (one process; rank 0 is the fullest, it shares GPU 0 wi
 - weights: LoRA: the frozen base in the compute dtype + float32 factors; FullFT: float32
   master weights (sharded over the ranks with `learner_parallel: fsdp`), plus, for bf16 without
   FSDP, the bf16 copies autocast keeps through backward.
-- gradients float32 and AdamW state (2 x float32) of the trainable parameters, sharded with fsdp.
+- gradients float32 and AdamW state (2 x float32) of the trainable parameters, sharded with fsdp
+  (whole float32 gradients when `fsdp_grad_reduce: step` accumulates over several micro-batches;
+  a tied embedding stays whole under fsdp).
 - activations of one micro-batch of `micro_batch` rows x T tokens (T = prompt allowance +
   max_tokens, capped at max_model_len; a base model often writes to max_tokens, so the worst case
   is the plan), counted per decoder layer as the tensors autograd saves in an HF Llama/Qwen layer
@@ -122,6 +124,7 @@ class Architecture:
     kv_heads: int
     head_dim: int
     vocab: int
+    tied: bool  # the output layer is the input embedding (FSDP keeps it whole)
     linears: tuple[tuple[str, int, int], ...]  # (module name, in, out) of every decoder-layer nn.Linear
 
     def lora_params(self, rank: int, targets: Sequence[str]) -> int:
@@ -178,6 +181,7 @@ def architecture_of(config: object, name: str) -> Architecture:
         kv_heads=get("num_key_value_heads", heads),
         head_dim=get("head_dim", get("hidden_size") // heads),
         vocab=get("vocab_size"),
+        tied=net.get_output_embeddings().weight is net.get_input_embeddings().weight,
         linears=layer_linears,
     )
 
@@ -211,6 +215,7 @@ class LearnerShape:
     seq_len: int  # tokens of the longest row
     completion_tokens: int  # completion tokens of one micro-batch (logits are built only there)
     cuda: bool  # foreach AdamW temporaries and the CUDA allocator
+    unsharded_grads: bool = False  # FSDP with one reduce-scatter per step and several micro-batches: whole float32 gradients accumulate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,19 +239,20 @@ class LearnerMemory:
 def learner_memory(arch: Architecture, shape: LearnerShape) -> LearnerMemory:
     """Bytes of one learner process at its peak (gradients of earlier micro-batches are alive, so they count)."""
     shards = shape.shards if shape.full else 1
+    whole = arch.vocab * arch.hidden if shape.full and shards > 1 and arch.tied else 0  # a tied embedding stays whole under FSDP
     if shape.full:
-        weights = 4 * arch.params // shards  # float32 master weights
+        weights = 4 * (arch.params - whole) // shards + 4 * whole  # float32 master weights
         if shape.compute_bytes < 4 and shards == 1:
             weights += shape.compute_bytes * arch.params  # autocast's low-precision copies, kept for backward
         elif shape.compute_bytes < 4:
-            weights += 2 * shape.compute_bytes * arch.params // arch.layers  # FSDP: two gathered layers (one prefetched)
+            weights += 2 * shape.compute_bytes * arch.params // arch.layers  # MixedPrecisionPolicy: two gathered layers (one prefetched)
     else:
         weights = shape.compute_bytes * arch.params + 4 * shape.trainable
-    trainable = shape.trainable // shards
+    trainable = (shape.trainable - whole) // shards + whole
     tokens = shape.rows * shape.seq_len
     return LearnerMemory(
         weights=weights,
-        gradients=4 * trainable,
+        gradients=4 * (shape.trainable if shape.unsharded_grads else trainable),
         optimizer=8 * trainable,
         activations=tokens * activation_bytes_per_token(arch, shape.compute_bytes),
         logits=shape.completion_tokens * logits_bytes_per_token(arch, shape.compute_bytes),
@@ -354,11 +360,13 @@ def learner_shape(cfg: RLConfig, arch: Architecture, learners: int, cuda: bool) 
     spec = lora_spec(cfg)
     rows_per_rank = -(-cfg.prompts_per_step * cfg.group_size // learners)
     rows = min(cfg.micro_batch, rows_per_rank)
+    sharded = cfg.is_full and cfg.learner_parallel == "fsdp" and learners > 1
     return LearnerShape(
         full=cfg.is_full,
         trainable=arch.params if spec is None else arch.lora_params(spec.rank, spec.targets),
         compute_bytes=compute_bytes(cfg.dtype, cuda),
-        shards=learners if cfg.is_full and cfg.learner_parallel == "fsdp" else 1,
+        shards=learners if sharded else 1,
+        unsharded_grads=sharded and cfg.fsdp_grad_reduce == "step" and rows_per_rank > cfg.micro_batch,
         rows=rows,
         seq_len=seq_len(cfg),
         completion_tokens=rows * cfg.max_tokens,
@@ -467,6 +475,8 @@ def blame(cfg: RLConfig, device: Device, node: Node) -> str:
         return "gpu_memory_utilization"
     if cfg.is_full and lm.static > device.capacity // 2 and cfg.learner_parallel != "fsdp":
         return "learner_parallel"
+    if cfg.is_full and cfg.learner_parallel == "fsdp" and cfg.fsdp_grad_reduce == "step" and lm.gradients > lm.optimizer:
+        return "fsdp_grad_reduce"
     if lm.activations + lm.logits > max(lm.static, device.engine):
         return "micro_batch"
     if device.engine > lm.peak and node.cuda:
@@ -496,6 +506,8 @@ def suggestion(cfg: RLConfig, node: Node, learners: int | None) -> str:
     candidates: list[dict[str, object]] = []
     if cfg.is_full and cfg.learner_parallel != "fsdp" and (learners or node.gpus) > 1:
         candidates.append({"learner_parallel": "fsdp"})
+    if cfg.is_full and cfg.learner_parallel == "fsdp" and cfg.fsdp_grad_reduce == "step":
+        candidates.append({"fsdp_grad_reduce": "micro_batch"})
     candidates += [{"micro_batch": mb} for mb in (cfg.micro_batch // 2, cfg.micro_batch // 4, 2, 1) if 1 <= mb < cfg.micro_batch]
     if node.cuda:
         candidates += [{"gpu_memory_utilization": g} for g in (0.3, 0.25, 0.2, 0.4, 0.5) if g != cfg.gpu_memory_utilization]

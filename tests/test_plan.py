@@ -62,7 +62,7 @@ def test_the_old_8b_preset_did_not_fit_and_the_refusal_names_the_key():
         check_fits(old, gpu_node(1, 79.6))
     full = dataclasses.replace(old, rank="full")
     with pytest.raises(PlanError, match=r"config key 'learner_parallel'.*learner_parallel=fsdp fits"):
-        check_fits(dataclasses.replace(full, micro_batch=2, gpu_memory_utilization=0.3), gpu_node(4, 79.6))
+        check_fits(dataclasses.replace(full, micro_batch=2, gpu_memory_utilization=0.3, fsdp_grad_reduce="micro_batch"), gpu_node(4, 79.6))
 
 
 def test_engine_without_room_for_one_sequence_names_gpu_memory_utilization():
@@ -137,3 +137,13 @@ def test_scale_out_doc_comes_from_the_planner():
 
     text = plan_doc.DOC.read_text()
     assert plan_doc.render(text) == text, "docs/scale_out.md is out of date: run python scripts/plan_doc.py"
+
+
+def test_one_reduction_per_step_costs_a_whole_gradient_and_the_plan_says_so():
+    cfg = load_config(RLConfig, REPO / "configs" / "rl_gsm8k_llama3_8b_full.yaml")
+    assert cfg.fsdp_grad_reduce == "micro_batch"
+    per_step = dataclasses.replace(cfg, fsdp_grad_reduce="step")
+    lm = plan_run(per_step, gpu_node(4, 79.6)).devices[0].learner
+    assert lm is not None and lm.gradients == 4 * architecture(cfg.model).params  # whole float32 gradients on every rank
+    with pytest.raises(PlanError, match=r"config key 'fsdp_grad_reduce'.*fsdp_grad_reduce=micro_batch fits"):
+        check_fits(per_step, gpu_node(4, 79.6))

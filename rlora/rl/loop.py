@@ -28,6 +28,7 @@ from rlora.config import RLConfig
 from rlora.data import batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
 from rlora.engine.sampler import EngineSpec, Sampler
+from rlora.engine.weight_sync import choose_transfer
 from rlora.eval.evaluate import eval_policy, load_benchmarks, parse_benchmarks
 from rlora.plan import check_before_loading
 from rlora.rl.handoff import PROBE_NOISE, Probe, probe_ids, publish
@@ -59,6 +60,8 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     check_before_loading(cfg, device, distributed.world_size_from_env())  # a config that cannot fit fails here, naming the key
     world = distributed.init_world()  # one process, or one of torchrun's (README "Scaling out")
     place = placement_for(cfg, device, world)
+    # FullFT to an engine in its own process: in GPU memory (ipc/nccl) on CUDA, a file on CPU; fails here if impossible
+    transfer = choose_transfer(cfg.weight_transfer, device.split(":")[0], place.engine_in_process, cfg.placement) if cfg.is_full else "file"
     model_path = resolve_model(cfg.model)
     problems = load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed)
     # periodic eval: one greedy sample per problem (rlora.eval.evaluate.eval_policy); loaded now so a bad name fails first
@@ -84,8 +87,11 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
             in_process=place.engine_in_process,
             sleep_mode=place.sleep,
             cpu_threads_bind=place.cpu_threads_bind,
+            weight_transfer=transfer if transfer in ("ipc", "nccl") else "",
         )
     )
+    if sampler.spec.weight_transfer:  # every learner rank joins vLLM's trainer-side transfer engine
+        handle.init_weight_transfer(transfer, cfg.tensor_parallel_size, sampler.weight_sync_client())
     tokenizer = sampler.tokenizer
     probe = Probe(probe_ids(tokenizer, cfg.prompt_format), cfg.probe_tol or PROBE_NOISE[cfg.dtype])
     publish(handle, sampler, start_step, probe)
@@ -105,11 +111,18 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
         groups_P = [reward_group(p, s, sampler.version, cfg.reward_policy) for p, s in zip(prompts_P, samples_P_G)]
         t2 = time.perf_counter()
         assert all(g.policy_version == step for g in groups_P), "rollouts must come from the current policy"
-        with sampler.asleep():  # placement=sleep: the engine frees its GPU memory for the learner
+        with sampler.asleep(handle.empty_cache):  # placement=sleep: the engine frees its GPU memory for the learner
             stats, train_tokens = learn(handle, groups_P, cfg, tokenizer.pad_token_id or 0)
         t3 = time.perf_counter()
         handoff = publish(handle, sampler, step + 1, probe)
-        timings = {"sample_s": t1 - t0, "grade_s": t2 - t1, "learn_s": t3 - t2, **handoff, "step_s": time.perf_counter() - t0}
+        timings = {
+            "sample_s": t1 - t0,
+            "grade_s": t2 - t1,
+            "learn_s": t3 - t2,
+            **handoff,
+            "handoff_bytes": sampler.handoff_bytes,
+            "step_s": time.perf_counter() - t0,
+        }
         row = {**step_metrics(step, groups_P, stats, train_tokens), **timings, **evals}
         run.log(row)
         save_if_due(run, cfg, handle, step + 1)

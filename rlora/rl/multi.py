@@ -72,8 +72,10 @@ from rlora.rl.handoff import PROBE_NOISE, Probe, probe_ids, publish
 from rlora.rl.steps import learn, reward_group, step_metrics
 from rlora.runs import RunDir, create_run, reopen_run
 from rlora.train import lora
+from rlora.train.distributed import World
 from rlora.train.learner import DTYPES, Learner, LearnerSpec, load_policy
 from rlora.train.models import resolve_model
+from rlora.train.placement import Placement, placement_for
 from rlora.train.setup import learner_spec, restore, save_if_due, seed_everything
 
 MULTI_KEYS = ("base", "out", "fixed", "runs", "grid")
@@ -81,7 +83,19 @@ MULTI_KEYS = ("base", "out", "fixed", "runs", "grid")
 # whole call) and one frozen base serves every learner (model, dtype, device).
 # rl-multi runs the engine and every learner in this one process (no torchrun, no split placement).
 ONE_PROCESS = {"placement": "colocate", "tensor_parallel_size": 1}
-SHARED_KEYS = ("model", "dtype", "device", "kv_cache_gib", "gpu_memory_utilization", "max_model_len", "group_size", "max_tokens", "temperature")
+SHARED_KEYS = (
+    "model",
+    "dtype",
+    "device",
+    "kv_cache_gib",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "group_size",
+    "max_tokens",
+    "temperature",
+    "placement",
+    "tensor_parallel_size",
+)
 
 
 # ------------------------------------------------------------------------------------ the file
@@ -210,9 +224,31 @@ def multi_step(sampler: Sampler, tenants: Sequence[Tenant], step: int) -> list[d
         stats, train_tokens = learn(tenant.learner, groups_P, tenant.cfg, sampler.tokenizer.pad_token_id or 0)
         t3 = time.perf_counter()
         handoff = publish(tenant.learner, slot, step + 1, tenant.probe)
-        rows.append({**step_metrics(step, groups_P, stats, train_tokens), "sample_s": sample_s, "grade_s": t2 - t1, "learn_s": t3 - t2, **handoff})
+        row = {**step_metrics(step, groups_P, stats, train_tokens), "sample_s": sample_s, "grade_s": t2 - t1, "learn_s": t3 - t2, **handoff}
+        rows.append({**row, "handoff_bytes": sampler.handoff_bytes})
     step_s = time.perf_counter() - t0
     return [{**row, "step_s": step_s} for row in rows]
+
+
+def multi_engine_spec(cfgs: Sequence[RLConfig], model_path: str, device: str, place: Placement, start_step: int) -> EngineSpec:
+    """The one engine of K LoRA runs, on the GPUs `place` gives it (vLLM `device_ids`)."""
+    first = cfgs[0]
+    return EngineSpec(
+        model_path=model_path,
+        device=device.split(":")[0],
+        dtype=first.dtype,
+        lora_rank=max(int(cfg.rank) for cfg in cfgs),
+        kv_cache_gib=first.kv_cache_gib,
+        gpu_memory_utilization=first.gpu_memory_utilization,
+        max_model_len=first.max_model_len,
+        max_num_seqs=max(256, sum(cfg.prompts_per_step for cfg in cfgs) * first.group_size),
+        seed=first.seed + start_step,
+        max_loras=len(cfgs),
+        device_ids=place.sampler_gpus,
+        tensor_parallel_size=first.tensor_parallel_size,
+        in_process=place.engine_in_process,
+        cpu_threads_bind=place.cpu_threads_bind,
+    )
 
 
 def train_multi(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool = True) -> list[RunDir]:
@@ -233,23 +269,11 @@ def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> l
     device = resolve_device(first.device)
     # one base and one engine; learners step one after another: the largest micro-batch bounds the peak
     check_before_loading(max(cfgs, key=lambda c: c.micro_batch * c.max_tokens), device, 1)
+    place = placement_for(first, device, World())  # one process: `device: cuda:N` puts learners AND engine on GPU N
     model_path = resolve_model(first.model)
-    learners = shared_base_learners([learner_spec(cfg, model_path, device) for cfg in cfgs])
+    learners = shared_base_learners([learner_spec(cfg, model_path, place.learner_device) for cfg in cfgs])
     starts = [restore(run, learner) for (_, run), learner in zip(runs, learners)]
-    sampler = Sampler(
-        EngineSpec(
-            model_path=model_path,
-            device=device.split(":")[0],
-            dtype=first.dtype,
-            lora_rank=max(int(cfg.rank) for cfg in cfgs),
-            kv_cache_gib=first.kv_cache_gib,
-            gpu_memory_utilization=first.gpu_memory_utilization,
-            max_model_len=first.max_model_len,
-            max_num_seqs=max(256, sum(cfg.prompts_per_step for cfg in cfgs) * first.group_size),
-            seed=first.seed + min(starts),
-            max_loras=len(cfgs),
-        )
-    )
+    sampler = Sampler(multi_engine_spec(cfgs, model_path, device, place, min(starts)))
     tenants = [
         Tenant(
             slot=f"run{k}",
