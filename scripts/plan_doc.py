@@ -15,6 +15,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing rlora
 
 DOC = REPO / "docs" / "scale_out.md"
 BEGIN, END = "<!-- plan:begin (scripts/plan_doc.py writes this section) -->", "<!-- plan:end -->"
+LAUNCH_BEGIN, LAUNCH_END = "<!-- plan-launch:begin (scripts/plan_doc.py writes this section) -->", "<!-- plan-launch:end -->"
+LAUNCH = REPO / "configs" / "launch_8gpu_example.yaml"
 
 
 def preset_nodes(path: Path) -> list[tuple[int, float]]:
@@ -57,9 +59,35 @@ def section() -> str:
     return f"{BEGIN}\n{header}\n" + "\n".join(rows) + f"\n{END}"
 
 
+def launch_section() -> str:
+    """The launch example's arms (one learning rate each: the rate changes no byte or second) on 80 GB GPUs."""
+    from rlora.experiments.launch import load_plan
+    from rlora.plan import gib, gpu_node, plan_run
+
+    plan = load_plan(LAUNCH, out="runs/plan_doc")
+    rows, seen = [], set()
+    for run, point in zip(plan.runs, plan.sweep.points):
+        cfg = point.config
+        arm = "FullFT" if cfg.is_full else f"rank {cfg.rank}"
+        if arm in seen:
+            continue
+        seen.add(arm)
+        p = plan_run(cfg, gpu_node(run.gpus, 79.6))  # type: ignore[arg-type]
+        t = p.times
+        hours = t["step_s"] * cfg.max_steps / 3600
+        rows.append(
+            f"| {arm} | {run.gpus} | {t['sample_s']:.0f} s | {t['learn_s']:.0f} s | {t['handoff_s']:.2f} s | **{t['step_s']:.0f} s** "
+            f"| {hours:.1f} h | {hours * run.gpus:.1f} | {gib(p.devices[0].peak)} / {gib(p.devices[0].capacity)} |"
+        )
+    header = "| arm | GPUs | sample | learn | handoff | step | 200 steps | GPU-hours | GPU 0 peak / capacity GiB |\n" + "| --- " * 9 + "|"
+    return f"{LAUNCH_BEGIN}\n{header}\n" + "\n".join(rows) + f"\n{LAUNCH_END}"
+
+
 def render(text: str) -> str:
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    return text[:start] + section() + text[end:]
+    text = text[:start] + section() + text[end:]
+    start, end = text.index(LAUNCH_BEGIN), text.index(LAUNCH_END) + len(LAUNCH_END)
+    return text[:start] + launch_section() + text[end:]
 
 
 def main() -> None:

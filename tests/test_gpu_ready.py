@@ -251,3 +251,14 @@ def test_pushed_weights_reach_the_engine_through_the_transfer(tiny_model_path):
     sampler.load_weights(weights, 1)
     assert sent == ["send"] and sampler.llm.calls == ["retie_word_embeddings", "reset_prefix_cache"]
     assert sampler.version == 1 and sampler.handoff_bytes == weights.nbytes
+
+
+def test_cuda_worker_and_v2_model_runner_have_what_rlora_calls():
+    """CUDA vLLM runs the V2 model runner (the CPU build V1): every worker method rlora reaches by RPC, and
+    the runner methods WorkerExtension and the FullFT reload use, exist in the CUDA classes too."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+    from vllm.v1.worker.gpu_worker import Worker
+
+    for method in ("sleep", "wake_up", "reload_weights", "init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update"):
+        assert hasattr(Worker, method), method
+    assert hasattr(RunnerV2, "get_model") and hasattr(RunnerV2, "reload_weights")
