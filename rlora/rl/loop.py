@@ -57,9 +57,9 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     cfg = resolve_precision(cfg)  # dtype auto -> bfloat16 or float32 (run_rl saves the resolved value)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    check_before_loading(cfg, device, distributed.world_size_from_env())  # a config that cannot fit fails here, naming the key
     world = distributed.init_world()  # one process, or one of torchrun's (README "Scaling out")
     place = placement_for(cfg, device, world)
+    check_before_loading(cfg, device, world.size)  # a config that cannot fit fails here, naming the key
     # FullFT to an engine in its own process: in GPU memory (ipc/nccl) on CUDA, a file on CPU; fails here if impossible
     transfer = choose_transfer(cfg.weight_transfer, device.split(":")[0], place.engine_in_process, cfg.placement) if cfg.is_full else "file"
     model_path = resolve_model(cfg.model)
@@ -137,7 +137,9 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
 
 def run_rl(cfg: RLConfig, name: str = "rl", progress: bool = True) -> RunDir:
     cfg = resolve_precision(cfg)  # config.json records the dtype the run uses, not "auto"
-    check_before_loading(cfg, resolve_device(cfg.device), distributed.world_size_from_env())  # before the run directory exists
+    device = resolve_device(cfg.device)
+    placement_for(cfg, device, distributed.World())  # before the run directory exists: placement errors name the machine,
+    check_before_loading(cfg, device, distributed.world_size_from_env())  # the memory plan names the key to change
     return train(cfg, distributed.from_rank0(lambda: create_run(cfg, name, "rl")), progress)
 
 
