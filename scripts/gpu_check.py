@@ -137,7 +137,9 @@ def run_case(case: Case) -> Result:
     torch.manual_seed(0)
     # random weights straight on the device (no host copy of an 8B model); float32 as the learner loads them
     with torch.device(case.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            config
+        ).float()  # float32, whatever the config names; no dtype keyword (older transformers call it torch_dtype)
     spec = LearnerSpec(
         model_path=case.model,
         lora=LoRASpec(rank=1) if case.arm == "lora" else None,
