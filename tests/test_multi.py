@@ -152,6 +152,7 @@ ROW_KEYS = {
     "ratio_max",
     "truncated_frac",
     "kl_sample_train",
+    "cut_at_max_tokens",
     "tokens",
     "train_tokens",
     "sample_s",
