@@ -112,6 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs,
         seed=args.seed,
         reward_policy=args.reward_policy,
+        prompt_format=args.prompt_format,
     )
     results = run_eval(req)
     print((Path(args.out) / "results.md").read_text(), end="")
@@ -127,11 +128,28 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"\ntable and plots in {args.out}/")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from rlora.devices import resolve_precision
+    from rlora.plan import cpu_node, gpu_node, load_rl_config, plan_json, plan_run, table
+
+    cfg = load_rl_config(args.config, args.overrides)
+    if args.cpu:
+        cfg = resolve_precision(dataclasses.replace(cfg, device="cpu"))
+    node = cpu_node() if args.cpu else gpu_node(args.gpus, args.gpu_memory_gib)
+    plan = plan_run(cfg, node, args.learners or None)
+    print(plan_json(plan) if args.json else table(plan), end="\n" if args.json else "")
+    if not plan.fits:
+        raise SystemExit(1)
+
+
 def cmd_launch(args: argparse.Namespace) -> None:
-    from rlora.experiments.launch import dry_run, launch, load_plan, make_node
+    from rlora.experiments.launch import check_memory, dry_run, launch, load_plan, make_node
 
     plan = load_plan(args.plan, out=args.out)
     node = make_node(args.gpus, args.cpu_slots, plan.share)
+    check_memory(plan, node, args.gpu_memory_gib)
     if args.dry_run:
         print(dry_run(plan, node), end="")
         return
@@ -213,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine runs at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward-policy", default="default", choices=("default", "strict"), help="how rewards finds the final answer (rewards.POLICIES)")
+    p.add_argument(
+        "--prompt-format", default="", choices=["", "auto", "chat", "plain", "fewshot"], help="how questions become prompts (default: the run's, else auto)"
+    )
     p.add_argument("--recompute", metavar="OUT", help="print the table again from OUT/completions.jsonl (no sampling)")
     p.add_argument("--regrade", action="store_true", help="with --recompute: grade the saved completions again")
     p.set_defaults(func=cmd_eval)
@@ -230,7 +251,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="plan directory (default: the file's `out`, else runs/<file stem>)")
     p.add_argument("--dry-run", action="store_true", help="print the placement and every command, start nothing")
     p.add_argument("--refresh-s", type=float, default=5.0, help="status table refresh on a terminal")
+    p.add_argument("--gpu-memory-gib", type=float, default=0.0, help="memory of each GPU for the memory plan (default: what torch sees, else 80)")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("plan", help="memory and time plan of an RL config on a node, from the model's config alone: rlora plan CONFIG --gpus 8")
+    p.add_argument("config", help="flat YAML preset (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the run gets (learner processes: all of them, or all but the engine's under split)")
+    p.add_argument("--gpu-memory-gib", type=float, default=79.6, help="memory of each GPU (H100 80GB: 79.6; H200: 139.8)")
+    p.add_argument("--learners", type=int, default=0, help="learner processes (default: from --gpus and placement)")
+    p.add_argument("--cpu", action="store_true", help="plan for this host's CPU instead of GPUs")
+    p.add_argument("--json", action="store_true", help="the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     args = parser.parse_args(argv)
     try:

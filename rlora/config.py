@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 # The valid values of every choice field, checked when a config is built, before anything loads.
 # Each list is the key set of the registry that implements it (a test keeps them equal):
 # rlora.train.lora.ALPHA_RULES / INITS, rlora.rl.advantages.ADVANTAGES, rlora.rl.losses.LOSSES /
-# NORMALIZERS, rlora.train.distributed.LEARNERS, rlora.devices.DTYPES (+ "auto"), rlora.tracking.TRACKERS.
+# NORMALIZERS, rlora.train.distributed.LEARNERS, rlora.devices.DTYPES (+ "auto"), rlora.tracking.TRACKERS,
+# rlora.data.PROMPT_FORMATS (+ "auto").
 CHOICES: dict[str, tuple[str, ...]] = {
     "alpha_rule": ("constant", "per_rank", "sqrt"),
     "lora_init": ("default", "gaussian", "gaussian_ab"),
@@ -37,6 +38,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "learner_parallel": ("ddp", "fsdp"),
     "task": ("arith", "gsm8k", "math"),
     "reward_policy": ("default", "strict"),
+    "prompt_format": ("auto", "chat", "plain", "fewshot"),
+    "fsdp_grad_reduce": ("step", "micro_batch"),
+    "weight_transfer": ("auto", "file", "ipc", "nccl"),
 }
 REPORT_TO = ("tensorboard", "wandb")
 
@@ -64,11 +68,15 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     micro_batch: int = 16  # sequences per forward/backward; bounds learner memory, not the result
+    # learner_parallel=fsdp: step = one reduce-scatter per step (unsharded float32 gradients accumulate over the
+    # micro-batches: 4 bytes/param on every rank) | micro_batch = after each micro-batch (sharded gradients, more traffic)
+    fsdp_grad_reduce: str = "step"
     # run
     max_steps: int = 20
     seed: int = 0
     run_dir: str = ""  # "" = runs/<preset>-<time>
     checkpoint_every: int = 5  # 0 = none; else every N steps and after the last one
+    keep_checkpoints: int = 1  # full states (weights, optimizer, RNG) kept; older checkpoints keep an evaluation snapshot in `dtype`
     eval_every: int = 0  # evaluate every N steps (RL: benchmarks, 0 = off; SFT: held-out loss)
     report_to: str = ""  # "" | tensorboard | wandb | tensorboard,wandb: stream metrics rows there too
     # devices and precision
@@ -92,6 +100,8 @@ class TrainConfig:
             raise ConfigError(f"config key 'lr' must be > 0, got {self.lr!r}")
         if self.max_steps < 0 or self.checkpoint_every < 0:
             raise ConfigError("config keys 'max_steps' and 'checkpoint_every' must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"config key 'keep_checkpoints' must be >= 1 (the latest full state resumes the run), got {self.keep_checkpoints!r}")
 
     @property
     def is_full(self) -> bool:
@@ -107,6 +117,9 @@ class RLConfig(TrainConfig):
     train_data: str = ""  # local JSONL in the Hub schema, or a Hub dataset name; "" = the task's default
     arith_max: int = 9  # synthetic arithmetic: operands drawn from 1..arith_max
     reward_policy: str = "default"  # how rewards finds the final answer: default | strict (boxed only); see rewards
+    # how a question becomes a prompt (rlora.data.PROMPT_FORMATS): auto = chat where the tokenizer has a chat
+    # template, else plain | chat | plain (Question:/Answer:, for base models) | fewshot (4 worked examples, then plain)
+    prompt_format: str = "auto"
     # sampling
     prompts_per_step: int = 8
     group_size: int = 8
@@ -127,6 +140,9 @@ class RLConfig(TrainConfig):
     placement: str = "colocate"  # colocate | split (sampler and learner on separate GPUs) | sleep (colocate + vLLM sleep mode)
     tensor_parallel_size: int = 1  # the sampler's vLLM tensor parallelism (GPUs, or CPU core groups)
     learner_parallel: str = "ddp"  # with several learner processes (torchrun): ddp (replicas) | fsdp (FSDP2 shards, FullFT)
+    # FullFT handoff to an engine in its own process (rlora.engine.weight_sync): auto (ipc when colocated, nccl under
+    # split, a file on CPU) | file | ipc | nccl. An engine in the learner's process reads the tensors directly.
+    weight_transfer: str = "auto"
     # evaluation during training (eval_every: 0 = off)
     eval_benchmarks: str = "math500,gsm8k"
     eval_limit: int = 50

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlora.config import ConfigError
 from rlora.rl.types import Prompt, Tokenizer
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -248,8 +249,143 @@ def batch_for_step(problems: Sequence[Problem], step: int, per_step: int, seed: 
     return out
 
 
-def make_prompt(problem: Problem, tokenizer: Tokenizer) -> Prompt:
-    """The problem as the policy sees it: the user turn under the chat template, as token ids."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": problem.question}], add_generation_prompt=True, tokenize=False)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return Prompt(problem_id=problem.problem_id, question=problem.question, prompt_ids=tuple(ids), reference=problem.reference, reward_task=problem.reward_task)
+# --------------------------------------------------------------------------------------------
+# Prompt formats (config `prompt_format`)
+#
+# An instruct model answers under its chat template. A base checkpoint (Llama-3.1-8B, Qwen3-8B-Base)
+# ships none, so it gets text it has seen in pre-training: a question/answer layout, optionally
+# after worked examples (the few-shot formats of the GSM8K chain-of-thought and Minerva MATH
+# evaluations, with every example answer boxed so that `rewards` grades it). A base model does
+# not stop after its answer; it goes on with the next "Question:", which is the format's stop
+# string: sampling ends there (vLLM `stop`), the text excludes it, and its tokens stay in the
+# completion like an EOS. Sampling, evaluation and the handoff probe all render through here.
+
+QUESTION, ANSWER = "Question: ", "Answer:"
+PLAIN_STOP = ("\nQuestion:",)
+
+# Wei et al. 2022 (chain-of-thought), the first four of the 8 GSM8K exemplars, final answers boxed.
+GSM8K_SHOTS = (
+    (
+        "There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, there will be 21 trees. "
+        "How many trees did the grove workers plant today?",
+        "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have been 21 - 15 = 6. The answer is \\boxed{6}.",
+    ),
+    (
+        "If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+        "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is \\boxed{5}.",
+    ),
+    (
+        "Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+        "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, they had 74 - 35 = 39. "
+        "The answer is \\boxed{39}.",
+    ),
+    (
+        "Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did Jason give to Denny?",
+        "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. The answer is \\boxed{8}.",
+    ),
+)
+# Lewkowycz et al. 2022 (Minerva), the 4-shot MATH prompt, solutions ending in their boxed answer.
+MATH_SHOTS = (
+    (
+        "Find the domain of the expression $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.",
+        "The expressions inside each square root must be non-negative. Therefore, $x-2 \\ge 0$, so $x\\ge2$, and $5 - x \\ge 0$, so "
+        "$x \\le 5$. Also, the denominator cannot be equal to zero, so $5-x>0$, which gives $x<5$. Therefore, the domain of the "
+        "expression is $\\boxed{[2,5)}$.",
+    ),
+    (
+        "If $\\det \\mathbf{A} = 2$ and $\\det \\mathbf{B} = 12,$ then find $\\det (\\mathbf{A} \\mathbf{B}).$",
+        "We have that $\\det (\\mathbf{A} \\mathbf{B}) = (\\det \\mathbf{A})(\\det \\mathbf{B}) = (2)(12) = \\boxed{24}.$",
+    ),
+    (
+        "Terrell usually lifts two 20-pound weights 12 times. If he uses two 15-pound weights instead, how many times must Terrell "
+        "lift them in order to lift the same total weight?",
+        "If Terrell lifts two 20-pound weights 12 times, he lifts a total of $2\\cdot 12\\cdot20=480$ pounds of weight. If he lifts "
+        "two 15-pound weights instead for $n$ times, he will lift a total of $2\\cdot15\\cdot n=30n$ pounds of weight. Equating this "
+        "to 480 pounds, we can solve for $n$: $30n=480$, so $n=480/30=\\boxed{16}$.",
+    ),
+    (
+        "If the system of equations $6x-4y=a$, $6y-9x =b$ has a solution $(x, y)$ where $x$ and $y$ are both nonzero, find "
+        "$\\frac{a}{b},$ assuming $b$ is nonzero.",
+        "If we multiply the first equation by $-\\frac{3}{2}$, we obtain $6y-9x=-\\frac{3}{2}a.$ Since we also know that $6y-9x=b$, "
+        "we have $-\\frac{3}{2}a=b$, so $\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$",
+    ),
+)
+SHOTS_BY_TASK = {"gsm8k": GSM8K_SHOTS, "number": GSM8K_SHOTS, "math": MATH_SHOTS, "aime": MATH_SHOTS}
+
+
+class PromptFormatError(ConfigError):
+    """A prompt format the tokenizer cannot render (e.g. `chat` without a chat template)."""
+
+
+def has_chat_template(tokenizer: Tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def qa_text(turns: Sequence[tuple[str, str]]) -> str:
+    """`Question: q\nAnswer: a` blocks separated by blank lines; an empty last answer leaves `Answer:` open."""
+    return "\n\n".join(f"{QUESTION}{q}\n{ANSWER}{' ' + a if a else ''}" for q, a in turns)
+
+
+def render_chat(question: str, answer: str, reward_task: str, tokenizer: Tokenizer) -> str:
+    if not has_chat_template(tokenizer):
+        raise PromptFormatError(
+            "config key 'prompt_format': chat needs a tokenizer with a chat template; this one has none (a base model?): use plain or fewshot"
+        )
+    messages = [{"role": "user", "content": question}]
+    if answer:
+        return str(tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False))
+    return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+
+def render_plain(question: str, answer: str, reward_task: str, tokenizer: Tokenizer) -> str:
+    return qa_text([(question, answer)])
+
+
+def render_fewshot(question: str, answer: str, reward_task: str, tokenizer: Tokenizer) -> str:
+    return qa_text([*SHOTS_BY_TASK.get(reward_task, GSM8K_SHOTS), (question, answer)])
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    # (question, answer or "" for a generation prompt, reward task, tokenizer) -> text
+    render: Callable[[str, str, str, Tokenizer], str]
+    stop: tuple[str, ...]  # strings that end a completion besides EOS
+    doc: str
+
+
+PROMPT_FORMATS: dict[str, PromptFormat] = {
+    "chat": PromptFormat(render_chat, (), "the user turn under the tokenizer's chat template (instruct models)"),
+    "plain": PromptFormat(render_plain, PLAIN_STOP, "Question: ...\\nAnswer: (base models), stops at the next Question:"),
+    "fewshot": PromptFormat(render_fewshot, PLAIN_STOP, "4 worked examples (GSM8K CoT, or Minerva MATH for math/aime) before the plain format"),
+}
+
+
+def resolve_prompt_format(prompt_format: str, tokenizer: Tokenizer) -> str:
+    """`auto` is `chat` where the tokenizer has a chat template, else `plain`; other names pass through."""
+    if prompt_format == "auto":
+        return "chat" if has_chat_template(tokenizer) else "plain"
+    if prompt_format not in PROMPT_FORMATS:
+        raise PromptFormatError(f"config key 'prompt_format' must be auto or one of {list(PROMPT_FORMATS)}, got {prompt_format!r}")
+    return prompt_format
+
+
+def render_turn(question: str, answer: str, reward_task: str, tokenizer: Tokenizer, prompt_format: str = "auto") -> str:
+    """The text of one exchange in `prompt_format`; `answer=""` gives the prompt the policy continues."""
+    fmt = PROMPT_FORMATS[resolve_prompt_format(prompt_format, tokenizer)]
+    return fmt.render(question, answer, reward_task, tokenizer)
+
+
+def make_prompt(problem: Problem, tokenizer: Tokenizer, prompt_format: str = "auto") -> Prompt:
+    """The problem as the policy sees it, as token ids, with the format's stop strings (see PROMPT_FORMATS)."""
+    name = resolve_prompt_format(prompt_format, tokenizer)
+    text = PROMPT_FORMATS[name].render(problem.question, "", problem.reward_task, tokenizer)
+    # a template carries its own BOS; plain text needs the tokenizer's (Llama-3 base expects <|begin_of_text|>)
+    ids = tokenizer.encode(text, add_special_tokens=name != "chat")
+    return Prompt(
+        problem_id=problem.problem_id,
+        question=problem.question,
+        prompt_ids=tuple(ids),
+        reference=problem.reference,
+        reward_task=problem.reward_task,
+        stop=PROMPT_FORMATS[name].stop,
+    )

@@ -133,11 +133,20 @@ class RunDir:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, next_step: int, learner_state: dict[str, object], extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    def save_checkpoint(
+        self,
+        next_step: int,
+        learner_state: dict[str, object],
+        extra_files: dict[str, Callable[[Path], None]] | None = None,
+        keep: int = 1,
+        snapshot_dtype: str = "",
+    ) -> Path:
         """Everything needed to continue at `next_step`: trainable weights, optimizer, RNG.
 
-        Older checkpoints keep their policy (`trainable.pt`, and `adapter/` for LoRA) for
-        evaluation at that step, but lose the optimizer and RNG state, which only resuming needs.
+        The last `keep` checkpoints stay full states. Older ones keep their policy for evaluation
+        at that step (`trainable.pt`, cast to `snapshot_dtype`, the engine's dtype, when given;
+        and `adapter/` for LoRA) but lose the optimizer and RNG state, which only resuming needs:
+        an 8B FullFT run then stores 16 GB per evaluation snapshot, not 96 GB per checkpoint.
         """
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
         final = self.ckpt_root / f"step_{next_step:06d}"
@@ -156,10 +165,9 @@ class RunDir:
         pointer = self.ckpt_root / (LATEST + ".tmp")
         pointer.write_text(final.name)
         os.replace(pointer, self.ckpt_root / LATEST)
-        for old in self.ckpt_root.glob("step_*"):
-            if old != final:
-                for name in ("optimizer.pt", "rng.pt"):
-                    (old / name).unlink(missing_ok=True)
+        full = sorted(p for p in self.ckpt_root.glob("step_*") if (p / "optimizer.pt").exists())
+        for old in full[: -max(keep, 1)]:
+            demote_checkpoint(old, snapshot_dtype)
         return final
 
     def checkpoint_at(self, step: int) -> Path:
@@ -182,15 +190,31 @@ class RunDir:
     @staticmethod
     def load_checkpoint(path: Path) -> tuple[int, dict[str, object]]:
         next_step = int(json.loads((path / "state.json").read_text())["next_step"])
+        # mmap: tensors stay in the file until read; a sharded learner copies only its own slices
+        # (torch's set_model_state_dict slices the full tensors), so no rank reads the whole state
         learner_state = {
-            "trainable": torch.load(path / "trainable.pt", weights_only=False),
-            "optimizer": torch.load(path / "optimizer.pt", weights_only=False),
+            "trainable": torch.load(path / "trainable.pt", weights_only=False, mmap=True),
+            "optimizer": torch.load(path / "optimizer.pt", weights_only=False, mmap=True),
         }
         rng = torch.load(path / "rng.pt", weights_only=False)
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         return next_step, learner_state
+
+
+def demote_checkpoint(path: Path, snapshot_dtype: str = "") -> None:
+    """A full checkpoint becomes an evaluation snapshot: no optimizer or RNG state, floating weights in `snapshot_dtype`."""
+    for name in ("optimizer.pt", "rng.pt"):
+        (path / name).unlink(missing_ok=True)
+    if not snapshot_dtype or snapshot_dtype == "float32":
+        return
+    dtype = getattr(torch, snapshot_dtype)
+    weights = torch.load(path / "trainable.pt", weights_only=True, mmap=True)
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    tmp = path / "trainable.pt.tmp"
+    torch.save(cast, tmp)
+    os.replace(tmp, path / "trainable.pt")
 
 
 def create_run(cfg: C, name: str, command: str) -> RunDir:

@@ -59,4 +59,23 @@ def tiny_model_with_tokenizer(tmp_path_factory) -> str:
     for f in source.iterdir():
         if "token" in f.name or f.name.endswith(".jinja"):
             shutil.copy(f, path / f.name)
+
+
+def tiny_untied_model_path(tmp_path_factory) -> str:
+    """The tiny Llama with a separate output layer, like the 8B models: FSDP shards its embedding and output layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    path = tmp_path_factory.mktemp("tiny_untied")
+    LlamaForCausalLM(cfg).save_pretrained(path)
     return str(path)

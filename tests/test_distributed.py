@@ -4,6 +4,7 @@ FullFT sharded with FSDP2; and one `rlora rl` step under torchrun with a real en
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -137,13 +138,18 @@ def _lead_one_step(learner: Learner, out: str) -> None:
     torch.save({"stats": stats, "weights": weights, "state": state, "probe": probe}, Path(out) / "rank0.pt")
 
 
-@pytest.mark.parametrize(("arm", "parallel"), [("lora_r1", "ddp"), ("full", "ddp"), ("full", "fsdp")])
-def test_two_process_step_equals_one_process_step(tiny_model_path, tmp_path, monkeypatch, arm, parallel):
+@pytest.mark.parametrize(
+    ("arm", "parallel", "model"), [("lora_r1", "ddp", "tied"), ("full", "ddp", "tied"), ("full", "fsdp", "tied"), ("full", "fsdp", "untied")]
+)
+def test_two_process_step_equals_one_process_step(tiny_model_path, tiny_untied_model_path, tmp_path, monkeypatch, arm, parallel, model):
+    """Untied: FSDP shards the embedding and the output layer too. Each rank runs 2 micro-batches, so
+    the one reduce-scatter per step (`fsdp_grad_reduce: step`) is what makes the sums agree."""
+    path = tiny_model_path if model == "tied" else tiny_untied_model_path
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two learners on a shared 2-core machine
-    mp.start_processes(_rank_main, args=(2, free_port(), tiny_model_path, arm, parallel, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(2, free_port(), path, arm, parallel, str(tmp_path)), nprocs=2, start_method="spawn")
     got = torch.load(tmp_path / "rank0.pt", weights_only=False)
 
-    one = Learner(spec_for(tiny_model_path, arm))
+    one = Learner(spec_for(path, arm))
     before = trainable_of(one)
     batch = batch_of(3)
     expected = one.train_step(batch, LOSSES["tis"], float(batch.num_tokens), *CAP_T)
@@ -160,6 +166,35 @@ def test_two_process_step_equals_one_process_step(tiny_model_path, tmp_path, mon
     assert moved == len(after)  # every trainable tensor moved, in both runs
     assert got["probe"] == pytest.approx(one.sequence_logprobs([5, 9, 17, 33, 2]), abs=1e-5)
     assert got["state"]["trainable"].keys() == after.keys()
+
+
+def _bf16_rank_main(rank: int, world: int, port: int, model: str, out: str) -> None:
+    _join(rank, world, port)
+    learner = make_learner(dataclasses.replace(spec_for(model, "full"), dtype="bfloat16"), "fsdp")
+    if rank == 0:
+        sharded = [n for n, p in learner.model.named_parameters() if not hasattr(p, "to_local")]
+        units = learner.units  # type: ignore[attr-defined]
+        _lead_one_step(learner, out)
+        torch.save({"whole": sharded, "units": len(units)}, Path(out) / "layout.pt")
+    else:
+        follow(learner)  # type: ignore[arg-type]
+    close_world()
+
+
+def test_fsdp_bf16_mixed_precision_step_tracks_one_process(tiny_untied_model_path, tmp_path, monkeypatch):
+    """bf16 under MixedPrecisionPolicy (no autocast): float32 shards, every parameter sharded (untied),
+    and the step close to the 1-process autocast step (bf16 rounding differs, so a loose tolerance)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.start_processes(_bf16_rank_main, args=(2, free_port(), tiny_untied_model_path, str(tmp_path)), nprocs=2, start_method="spawn")
+    got = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    layout = torch.load(tmp_path / "layout.pt", weights_only=False)
+    assert layout["whole"] == [] and layout["units"] == 2 + 1 + 1  # 2 layers, the decoder, the output layer
+    assert all(v.dtype == torch.float32 for v in got["weights"].values())  # master weights stay float32
+    one = Learner(dataclasses.replace(spec_for(tiny_untied_model_path, "full"), dtype="bfloat16"))
+    batch = batch_of(3)
+    expected = one.train_step(batch, LOSSES["tis"], float(batch.num_tokens), *CAP_T)
+    assert got["stats"]["loss"] == pytest.approx(expected["loss"], rel=0.05, abs=1e-3)
+    assert got["stats"]["grad_norm"] == pytest.approx(expected["grad_norm"], rel=0.05)
 
 
 def test_fsdp_checkpoint_round_trip(tiny_model_path, tmp_path, monkeypatch):

@@ -159,6 +159,7 @@ ROW_KEYS = {
     "grade_s",
     "learn_s",
     "handoff_s",
+    "handoff_bytes",
     "probe_gap",
     "probe_shift",
     "probe_tol",

@@ -44,6 +44,7 @@ import itertools
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -54,7 +55,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlora.engine.fingerprint import WorkerPrints, fingerprint
-from rlora.rl.types import Prompt, Sample
+from rlora.rl.types import Prompt, PushedWeights, Sample
 
 if TYPE_CHECKING:
     from vllm.lora.model_manager import LoRAModelManager
@@ -72,18 +73,44 @@ def fit_max_lora_rank(rank: int) -> int:
     raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
 
 
-def handoff_root() -> Path:
-    """Adapters travel through RAM-backed /dev/shm where there is one."""
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return Path(tempfile.mkdtemp(prefix="rlora-handoff-", dir=base))
+ADAPTER_BUDGET = 2**28  # room asked of /dev/shm for the adapters of a run (rank 32 at 8B: 168 MB in bf16)
+SHM_SLACK = 2**26
+
+
+def handoff_root(needed: int = ADAPTER_BUDGET, shm: Path = Path("/dev/shm")) -> Path:
+    """A fresh folder for file handoffs: RAM-backed /dev/shm when it has room for `needed` bytes, else the disk.
+
+    Docker gives /dev/shm 64 MB unless told otherwise (`--shm-size`): a FullFT handoff written
+    there would fail half-way (SIGBUS or ENOSPC), so the free space is checked first and the
+    fallback says so. A disk without room either is an error naming both folders.
+    """
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= needed + SHM_SLACK:
+        return Path(tempfile.mkdtemp(prefix="rlora-handoff-", dir=shm))
+    disk = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(disk).free
+    if free < needed + SHM_SLACK:
+        raise RuntimeError(f"handoff of {needed / 2**30:.1f} GiB: neither {shm} nor {disk} has room ({free / 2**30:.1f} GiB free); set TMPDIR to a larger disk")
+    shm_free = shutil.disk_usage(shm).free if shm.is_dir() else 0
+    print(
+        f"rlora: {shm} has {shm_free / 2**30:.2f} GiB free, the handoff needs {needed / 2**30:.2f} GiB: writing to {disk} instead "
+        "(slower; a container wants --shm-size, e.g. docker run --shm-size=32g)",
+        file=sys.stderr,
+    )
+    return Path(tempfile.mkdtemp(prefix="rlora-handoff-", dir=disk))
 
 
 def save_safetensors(weights: Iterable[tuple[str, torch.Tensor]], path: Path, dtype: torch.dtype) -> None:
-    """Weights in checkpoint names as one safetensors file, in the engine's dtype (half the bytes in bf16)."""
+    """Weights in checkpoint names as one safetensors file, in the engine's dtype (half the bytes in bf16),
+    cast on their device before the copy to host memory (half the PCIe traffic, no float32 host copy)."""
     from safetensors.torch import save_file
 
-    save_file({name: t.detach().to("cpu", dtype).contiguous() for name, t in weights}, str(path))
+    save_file({name: t.detach().to(dtype).cpu().contiguous() for name, t in weights}, str(path))
+
+
+def empty_cuda_cache() -> None:
+    """Return this process's cached, unused CUDA blocks to the driver (nothing without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def quiet_vllm() -> None:
@@ -307,6 +334,40 @@ def placement_kwargs(spec: EngineSpec) -> dict[str, object]:
     return kwargs
 
 
+def engine_kwargs(spec: EngineSpec) -> dict[str, object]:
+    """vLLM's `LLM(...)` arguments (its EngineArgs fields) for `spec`; a pure function, so a CPU test
+    can build vLLM's argument and LoRA config objects for a CUDA spec and catch API drift."""
+    kwargs: dict[str, object] = dict(
+        model=spec.model_path,
+        dtype=spec.dtype,
+        seed=spec.seed,
+        max_model_len=spec.max_model_len,
+        max_num_seqs=spec.max_num_seqs,
+        logprobs_mode="processed_logprobs",
+        enable_prefix_caching=True,
+        worker_extension_cls=f"{WorkerExtension.__module__}.{WorkerExtension.__qualname__}",
+    )
+    if spec.device == "cpu":
+        # eager: 3 s start instead of 50-75 s of compilation; block 32: 2x prefill on CPU
+        kwargs.update(enforce_eager=True, block_size=32)
+        if spec.kv_cache_gib < 1:
+            kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * 2**30)
+    else:
+        kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization)
+    if spec.lora_rank is not None:
+        kwargs.update(lora_kwargs(spec))
+    kwargs.update(placement_kwargs(spec))
+    if spec.weight_transfer:
+        kwargs["weight_transfer_config"] = {"backend": spec.weight_transfer}
+    return kwargs
+
+
+def lora_kwargs(spec: EngineSpec) -> dict[str, object]:
+    """The LoRA part of `engine_kwargs` (vLLM's LoRAConfig fields, plus enable_lora)."""
+    assert spec.lora_rank is not None
+    return dict(enable_lora=True, max_lora_rank=fit_max_lora_rank(spec.lora_rank), max_loras=spec.max_loras, max_cpu_loras=spec.max_loras + 1)
+
+
 @dataclass(frozen=True, kw_only=True)
 class EngineSpec:
     model_path: str
@@ -325,6 +386,7 @@ class EngineSpec:
     in_process: bool = True  # False: vLLM's engine core runs in its own (spawned) process
     sleep_mode: bool = False  # CUDA only: the engine can sleep while the learner runs (`Sampler.asleep`)
     cpu_threads_bind: str = ""  # CPU tensor parallelism: VLLM_CPU_OMP_THREADS_BIND ("0|1"); "" = vLLM's default
+    weight_transfer: str = ""  # ipc | nccl: the engine accepts FullFT weights in GPU memory (rlora.engine.weight_sync); "" = none
 
 
 class Sampler:
@@ -344,28 +406,8 @@ class Sampler:
 
         drop_harmless_vllm_warnings()
 
-        kwargs: dict[str, object] = dict(
-            model=spec.model_path,
-            dtype=spec.dtype,
-            seed=spec.seed,
-            max_model_len=spec.max_model_len,
-            max_num_seqs=spec.max_num_seqs,
-            logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,
-            worker_extension_cls=f"{WorkerExtension.__module__}.{WorkerExtension.__qualname__}",
-        )
-        if spec.device == "cpu":
-            # eager: 3 s start instead of 50-75 s of compilation; block 32: 2x prefill on CPU
-            kwargs.update(enforce_eager=True, block_size=32)
-            if spec.kv_cache_gib < 1:
-                kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * 2**30)
-        else:
-            kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization)
-        if spec.lora_rank is not None:
-            kwargs.update(enable_lora=True, max_lora_rank=fit_max_lora_rank(spec.lora_rank), max_loras=spec.max_loras, max_cpu_loras=spec.max_loras + 1)
-        kwargs.update(placement_kwargs(spec))
         start = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**engine_kwargs(spec))
         drop_harmless_vllm_warnings()  # again: building the engine may set up vLLM's handler anew
         self.start_s = time.perf_counter() - start
         self.spec = spec
@@ -375,6 +417,7 @@ class Sampler:
         self._lora_ids = itertools.count(1)  # vLLM ids are unique across tenants and versions
         self._handoff_dir = handoff_root() if spec.lora_rank is not None else None
         self._base_prints: list[WorkerPrints] | None = None  # a LoRA engine's frozen base, read once
+        self.handoff_bytes = 0  # bytes of the last handoff: adapter files, or full weights in the engine's dtype
 
     @property
     def version(self) -> int:
@@ -410,7 +453,12 @@ class Sampler:
         from vllm.inputs import TokensPrompt
 
         assert tenants is None or len(tenants) == len(prompts), f"{len(tenants or ())} tenants for {len(prompts)} prompts"
-        params = SamplingParams(n=group_size, temperature=temperature, top_p=1.0, max_tokens=max_tokens, logprobs=0)
+        # one SamplingParams per distinct stop list (a base model's prompt format stops at its next "Question:")
+        by_stop = {
+            stop: SamplingParams(n=group_size, temperature=temperature, top_p=1.0, max_tokens=max_tokens, logprobs=0, stop=list(stop) or None)
+            for stop in {p.stop for p in prompts}
+        }
+        params = [by_stop[p.stop] for p in prompts]
         requests = [TokensPrompt(prompt_token_ids=list(p.prompt_ids)) for p in prompts]
         lora = self._lora if tenants is None else self._requests(tenants)
         outputs = self.llm.generate(requests, params, lora_request=lora, use_tqdm=False)
@@ -454,6 +502,7 @@ class Sampler:
         name = f"{tenant}-v{version}"
         path = self._handoff_dir / name
         write_adapter(path)
+        self.handoff_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         request = LoRARequest(lora_name=name, lora_int_id=next(self._lora_ids), lora_path=str(path))
         engine = self.llm.llm_engine
         if not engine.add_lora(request):
@@ -466,18 +515,35 @@ class Sampler:
         if loaded != expected:
             raise RuntimeError(f"engine holds adapters {sorted(loaded)}, expected exactly {sorted(expected)} (one per tenant)")
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def weight_sync_client(self) -> object:
+        """vLLM's weight-sync client for this engine (learners push FullFT weights in GPU memory through it)."""
+        from rlora.engine.weight_sync import EngineClient
+
+        assert self.spec.weight_transfer, "the engine was built without weight_transfer"
+        return EngineClient(self.llm)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | PushedWeights, version: int) -> None:
         """FullFT: push new weights (checkpoint names) into the running engine."""
         assert self.spec.lora_rank is None, "FullFT handoff on a LoRA engine"
         assert version > self.version, f"policy versions must increase: {version} after {self.version}"
+        if isinstance(weights, PushedWeights):  # vLLM's weight transfer: the learner ranks send, the workers load
+            weights.push()
+            self.handoff_bytes = weights.nbytes
+            self._after_new_weights(version)
+            return
+        weights = list(weights)  # references, no copy: their size picks the handoff's folder
+        self.handoff_bytes = sum(t.numel() for _, t in weights) * getattr(torch, self.spec.dtype).itemsize
         if self.spec.in_process:
             with expected_reload_notes_unlogged():  # float32 master weights into a bf16 engine: vLLM casts, as intended
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         else:  # tensors do not survive the trip to the engine's process (they arrive as lists): a file does
-            path = handoff_root()
+            path = handoff_root(self.handoff_bytes)
             save_safetensors(weights, path / "model.safetensors", getattr(torch, self.spec.dtype))
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
             shutil.rmtree(path, ignore_errors=True)
+        self._after_new_weights(version)
+
+    def _after_new_weights(self, version: int) -> None:
         self.llm.collective_rpc("retie_word_embeddings")
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         self.versions[DEFAULT_TENANT] = version
@@ -508,21 +574,31 @@ class Sampler:
         """The vLLM adapter id serving a tenant's current version."""
         return self._loras[tenant].lora_int_id
 
+    @property
+    def sleep_level(self) -> int:
+        """vLLM sleep level: 1 keeps the base weights in host memory (LoRA serves them again);
+        2 discards them (FullFT overwrites every weight at the handoff right after waking, so a
+        host copy would only cost host memory and a copy back)."""
+        return 1 if self.spec.lora_rank is not None else 2
+
     @contextlib.contextmanager
-    def asleep(self) -> Iterator[None]:
+    def asleep(self, before_wake: Callable[[], object] = empty_cuda_cache) -> Iterator[None]:
         """Around the learner's step: with sleep mode the engine frees its GPU memory meanwhile.
 
-        vLLM sleep level 1 keeps the weights in host memory and drops the KV cache (and with it
-        the prefix cache); the LoRA or FullFT handoff after waking works as on an awake engine.
-        Without sleep mode (`placement` other than sleep) this does nothing.
+        Sleeping drops the KV cache (and with it the prefix cache); the handoff after waking works
+        as on an awake engine. Before waking, `before_wake` runs in this process: the learner's
+        CUDA caching allocator still holds the blocks its step freed, and vLLM empties the cache
+        only in its own process, so without it `wake_up` can run out of memory on a GPU the
+        learner shares. Without sleep mode (`placement` other than sleep) this does nothing.
         """
         if not self.spec.sleep_mode:
             yield
             return
-        self.llm.sleep(level=1)
+        self.llm.sleep(level=self.sleep_level)
         try:
             yield
         finally:
+            before_wake()
             self.llm.wake_up()
 
     def close(self) -> None:
@@ -545,7 +621,7 @@ class AdapterSlot:
     def load_adapter(self, write_adapter: Callable[[Path], object], version: int) -> None:
         self.sampler.load_adapter(write_adapter, version, self.tenant)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | PushedWeights, version: int) -> None:
         raise TypeError(f"tenant {self.tenant!r}: a shared engine serves LoRA adapters, not full weights")
 
     def prompt_logprobs(self, token_ids: Sequence[int]) -> list[float]:

@@ -205,9 +205,8 @@ def parse_benchmarks(spec: str) -> list[str]:
     return [b.strip() for b in spec.split(",") if b.strip()]
 
 
-def _prompts(problems: Sequence[Problem], tokenizer: Tokenizer) -> list[Prompt]:
-
-    return [make_prompt(p, tokenizer) for p in problems]
+def _prompts(problems: Sequence[Problem], tokenizer: Tokenizer, prompt_format: str = "auto") -> list[Prompt]:
+    return [make_prompt(p, tokenizer, prompt_format) for p in problems]
 
 
 def check_lengths(benchmark: str, prompts: Sequence[Prompt], max_tokens: int, max_model_len: int) -> None:
@@ -230,6 +229,7 @@ def evaluate_problems(
     progress: bool = True,
     runtime: Mapping[str, object] | None = None,
     reward_policy: str = "default",
+    prompt_format: str = "auto",
 ) -> dict[str, object]:
     """Sample, grade and summarize; with `out_dir`, write results.json, results.md and completions.jsonl.
 
@@ -238,7 +238,7 @@ def evaluate_problems(
     """
     assert samples >= 1 and max_tokens >= 1, "need samples >= 1 and max_tokens >= 1"
     tokenizer = sampler.tokenizer
-    prompts_by_bench = {b: _prompts(ps, tokenizer) for b, ps in problems_by_bench.items()}
+    prompts_by_bench = {b: _prompts(ps, tokenizer, prompt_format) for b, ps in problems_by_bench.items()}
     for bench, prompts in prompts_by_bench.items():
         check_lengths(bench, prompts, max_tokens, sampler.spec.max_model_len)
     chunk = max(1, sampler.spec.max_num_seqs // samples)
@@ -286,18 +286,24 @@ def evaluate(
     data_dir: str = "",
     out_dir: Path | None = None,
     progress: bool = True,
+    prompt_format: str = "auto",
 ) -> dict[str, object]:
     """Evaluate whatever policy `sampler` serves now on the named benchmarks."""
     problems = load_benchmarks(benchmarks, limit, data_dir)
-    settings = {"limit": limit, "data_dir": data_dir}
-    return evaluate_problems(sampler, problems, samples, temperature, max_tokens, out_dir, settings, progress)
+    settings = {"limit": limit, "data_dir": data_dir, "prompt_format": prompt_format}
+    return evaluate_problems(sampler, problems, samples, temperature, max_tokens, out_dir, settings, progress, prompt_format=prompt_format)
 
 
 EVAL_KEYS = ("answered", "truncated", "mean_tokens")
 
 
 def eval_policy(
-    sampler: Sampler, problems_by_bench: Mapping[str, Sequence[Problem]], max_tokens: int, out_dir: Path | None, reward_policy: str = "default"
+    sampler: Sampler,
+    problems_by_bench: Mapping[str, Sequence[Problem]],
+    max_tokens: int,
+    prompt_format: str,
+    out_dir: Path | None,
+    reward_policy: str = "default",
 ) -> dict[str, float | None]:
     """RL's periodic evaluation of the live policy: one greedy sample per problem.
 
@@ -305,8 +311,10 @@ def eval_policy(
     `.../truncated`, `.../mean_tokens`, and `eval_s`.
     """
     start = time.perf_counter()
-    settings = {"periodic": True, "reward_policy": rewards.describe_policy(reward_policy)}
-    results = evaluate_problems(sampler, problems_by_bench, 1, 0.0, max_tokens, out_dir, settings, progress=False, reward_policy=reward_policy)
+    settings = {"periodic": True, "prompt_format": prompt_format, "reward_policy": rewards.describe_policy(reward_policy)}
+    results = evaluate_problems(
+        sampler, problems_by_bench, 1, 0.0, max_tokens, out_dir, settings, progress=False, prompt_format=prompt_format, reward_policy=reward_policy
+    )
     row: dict[str, float | None] = {}
     benchmarks = results["benchmarks"]
     assert isinstance(benchmarks, dict)
@@ -375,6 +383,7 @@ class Policy:
     adapter_rank: int = 0  # the adapter's r; the engine's max_lora_rank must be >= it
     weights: Path | None = None  # FullFT checkpoint's trainable.pt: every weight, in HF checkpoint names
     label: str = ""  # for results.json: where the policy came from
+    prompt_format: str = "auto"  # how questions become prompts (rlora.data.PROMPT_FORMATS); a run's own, for its checkpoints
 
 
 def check_adapter(path: Path) -> int:
@@ -396,10 +405,11 @@ def policy_from_checkpoint(ckpt: Path, model: str | None, dtype: str | None) -> 
     config: dict[str, object] = json.loads(config_path.read_text()) if config_path.exists() else {}
     model = model or str(config.get("model") or "default")
     dtype = dtype or str(config.get("dtype") or "auto")
+    prompt_format = str(config.get("prompt_format") or "auto")  # evaluate the policy on the prompts it was trained on
     if (ckpt / "adapter").is_dir():
-        return Policy(model, dtype, ckpt / "adapter", check_adapter(ckpt / "adapter"), label=str(ckpt))
+        return Policy(model, dtype, ckpt / "adapter", check_adapter(ckpt / "adapter"), label=str(ckpt), prompt_format=prompt_format)
     if config.get("rank") == "full":
-        return Policy(model, dtype, weights=ckpt / "trainable.pt", label=str(ckpt))
+        return Policy(model, dtype, weights=ckpt / "trainable.pt", label=str(ckpt), prompt_format=prompt_format)
     raise FileNotFoundError(f"checkpoint {ckpt} has no adapter/ and {config_path} does not say rank 'full': cannot tell LoRA from FullFT")
 
 
@@ -444,6 +454,7 @@ class EvalRequest:
     max_num_seqs: int = 256
     seed: int = 0
     reward_policy: str = "default"  # rewards.POLICIES: how the final answer is found (recorded in results.json)
+    prompt_format: str = ""  # "" = the policy's (a run's own, else auto)
 
 
 def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
@@ -460,7 +471,8 @@ def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except OSError as e:
         raise FileNotFoundError(f"cannot load model {req.policy.model!r} ({model_path}): {e}") from None
-    longest = max(len(p.prompt_ids) for ps in problems.values() for p in _prompts(ps, tokenizer))
+    prompt_format = req.prompt_format or req.policy.prompt_format
+    longest = max(len(p.prompt_ids) for ps in problems.values() for p in _prompts(ps, tokenizer, prompt_format))
     req.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(req.device).split(":")[0]
     dtype, _ = resolve_dtype(req.policy.dtype, device)  # auto: bfloat16 where native, else float32
@@ -502,7 +514,10 @@ def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
             "data_dir": req.data_dir,
             "seed": req.seed,
             "device": device,
+            "prompt_format": prompt_format,
         }
-        return evaluate_problems(sampler, problems, req.samples, req.temperature, req.max_tokens, req.out, settings, progress, runtime, req.reward_policy)
+        return evaluate_problems(
+            sampler, problems, req.samples, req.temperature, req.max_tokens, req.out, settings, progress, runtime, prompt_format, req.reward_policy
+        )
     finally:
         sampler.close()

@@ -398,6 +398,32 @@ def initial_state(kind: str, point: Point) -> str:
     return "skipped" if is_finished(kind, point.config, run_dir) else "waiting"
 
 
+def check_memory(plan: Plan, node: Node, gpu_memory_gib: float = 0.0) -> None:
+    """Every RL run's memory plan (rlora.plan) on the GPUs it gets, before anything starts; an error names the run and the key.
+
+    `gpu_memory_gib`: each GPU's memory; 0 = what torch sees on GPU 0, else an 80 GB H100's.
+    Runs that share a GPU (`share` > 1) each get their share of its memory.
+    """
+    if plan.sweep.kind != "rl":
+        return
+    from rlora.config import RLConfig
+    from rlora.plan import check_fits, cpu_node, gpu_node
+
+    if node.cpu:
+        host = cpu_node()
+        device = dataclasses.replace(host, device_memory=host.device_memory // len(node.gpus))
+    else:
+        if not gpu_memory_gib:
+            import torch
+
+            gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 79.6
+        device = gpu_node(1, gpu_memory_gib)
+    for run, point in zip(plan.runs, plan.sweep.points):
+        assert isinstance(point.config, RLConfig)
+        memory = device.device_memory // (node.share if run.gpus == 1 and not node.cpu else 1)
+        check_fits(point.config, dataclasses.replace(device, gpus=0 if node.cpu else run.gpus, device_memory=memory), what=f"run {run.name}")
+
+
 def dry_run(plan: Plan, node: Node) -> str:
     """The placement of every unfinished run and its command line."""
     sweep = plan.sweep

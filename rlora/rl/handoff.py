@@ -32,6 +32,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from rlora.data import render_turn, resolve_prompt_format
 from rlora.engine.fingerprint import EMPTY, Fingerprint, ServedTensor, WorkerPrints, cast_like_vllm_lora_b, chunk_fingerprints, fingerprint
 from rlora.engine.sampler import EngineSpec
 from rlora.rl.types import Tokenizer
@@ -53,9 +54,11 @@ class HandoffError(RuntimeError):
     """The sampler does not serve the policy the learner just produced."""
 
 
-def probe_ids(tokenizer: Tokenizer) -> list[int]:
-    text = tokenizer.apply_chat_template(PROBE_MESSAGES, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
+def probe_ids(tokenizer: Tokenizer, prompt_format: str = "auto") -> list[int]:
+    """The probe exchange in the run's prompt format (a base model without a chat template gets plain text)."""
+    name = resolve_prompt_format(prompt_format, tokenizer)
+    text = render_turn(PROBE_MESSAGES[0]["content"], PROBE_MESSAGES[1]["content"], "number", tokenizer, name)
+    return tokenizer.encode(text, add_special_tokens=name != "chat")
 
 
 @dataclass
@@ -77,9 +80,9 @@ class Probe:
         return self.tol
 
 
-def make_probe(tokenizer: Tokenizer, dtype: str, probe_tol: float = 0.0) -> Probe:
+def make_probe(tokenizer: Tokenizer, dtype: str, probe_tol: float = 0.0, prompt_format: str = "auto") -> Probe:
     """The run's probe: calibrated at the first handoff, or with a fixed tolerance when probe_tol > 0."""
-    return Probe(probe_ids(tokenizer), probe_tol or PROBE_FLOOR[dtype], fixed=bool(probe_tol))
+    return Probe(probe_ids(tokenizer, prompt_format), probe_tol or PROBE_FLOOR[dtype], fixed=bool(probe_tol))
 
 
 class Engine(Protocol):

@@ -30,7 +30,9 @@ from rlora.config import RLConfig
 from rlora.data import batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
 from rlora.engine.sampler import EngineSpec, Sampler
+from rlora.engine.weight_sync import choose_transfer
 from rlora.eval.evaluate import eval_policy, load_benchmarks, parse_benchmarks
+from rlora.plan import check_before_loading
 from rlora.rl.handoff import make_probe, publish
 from rlora.rl.steps import learn, reward_group, step_metrics
 from rlora.runs import RunDir, create_run, reopen_run
@@ -56,9 +58,12 @@ def follow_rank0(run: RunDir, learner: Learner) -> RunDir:
 def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     cfg = resolve_precision(cfg)  # dtype auto -> bfloat16 or float32 (run_rl saves the resolved value)
     seed_everything(cfg.seed)
-    world = distributed.init_world()  # one process, or one of torchrun's (README "Scaling out")
     device = resolve_device(cfg.device)
+    world = distributed.init_world()  # one process, or one of torchrun's (README "Scaling out")
     place = placement_for(cfg, device, world)
+    check_before_loading(cfg, device, world.size)  # a config that cannot fit fails here, naming the key
+    # FullFT to an engine in its own process: in GPU memory (ipc/nccl) on CUDA, a file on CPU; fails here if impossible
+    transfer = choose_transfer(cfg.weight_transfer, device.split(":")[0], place.engine_in_process, cfg.placement) if cfg.is_full else "file"
     model_path = resolve_model(cfg.model)
     problems = load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed)
     # periodic eval: one greedy sample per problem (rlora.eval.evaluate.eval_policy); loaded now so a bad name fails first
@@ -85,38 +90,53 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
             in_process=place.engine_in_process,
             sleep_mode=place.sleep,
             cpu_threads_bind=place.cpu_threads_bind,
+            weight_transfer=transfer if transfer in ("ipc", "nccl") else "",
         )
     )
+    if sampler.spec.weight_transfer:  # every learner rank joins vLLM's trainer-side transfer engine
+        handle.init_weight_transfer(transfer, cfg.tensor_parallel_size, sampler.weight_sync_client())
     tokenizer = sampler.tokenizer
-    probe = make_probe(tokenizer, cfg.dtype, cfg.probe_tol)  # tolerance calibrated at the first handoff
+    probe = make_probe(tokenizer, cfg.dtype, cfg.probe_tol, cfg.prompt_format)  # tolerance calibrated at the first handoff
     publish(handle, sampler, start_step, probe)
 
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)
     for step in bar:
         # policy v{step}, which this step samples from and checkpoint step_{step} holds
         evals = (
-            eval_policy(sampler, eval_sets, cfg.max_tokens, run.path / "eval" / f"step_{step:06d}", cfg.reward_policy)
+            eval_policy(sampler, eval_sets, cfg.max_tokens, cfg.prompt_format, run.path / "eval" / f"step_{step:06d}", cfg.reward_policy)
             if eval_sets and step % cfg.eval_every == 0
             else {}
         )
         t0 = time.perf_counter()
-        prompts_P = [make_prompt(p, tokenizer) for p in batch_for_step(problems, step, cfg.prompts_per_step, cfg.seed)]
+        prompts_P = [make_prompt(p, tokenizer, cfg.prompt_format) for p in batch_for_step(problems, step, cfg.prompts_per_step, cfg.seed)]
         samples_P_G = sampler.sample(prompts_P, cfg.group_size, cfg.max_tokens, cfg.temperature)
         t1 = time.perf_counter()
         groups_P = [reward_group(p, s, sampler.version, cfg.reward_policy) for p, s in zip(prompts_P, samples_P_G)]
         t2 = time.perf_counter()
         assert all(g.policy_version == step for g in groups_P), "rollouts must come from the current policy"
-        with sampler.asleep():  # placement=sleep: the engine frees its GPU memory for the learner
+        with sampler.asleep(handle.empty_cache):  # placement=sleep: the engine frees its GPU memory for the learner
             stats, train_tokens = learn(handle, groups_P, cfg, tokenizer.pad_token_id or 0)
         t3 = time.perf_counter()
         handoff = publish(handle, sampler, step + 1, probe)
-        timings = {"sample_s": t1 - t0, "grade_s": t2 - t1, "learn_s": t3 - t2, **handoff, "step_s": time.perf_counter() - t0}
+        timings = {
+            "sample_s": t1 - t0,
+            "grade_s": t2 - t1,
+            "learn_s": t3 - t2,
+            **handoff,
+            "handoff_bytes": sampler.handoff_bytes,
+            "step_s": time.perf_counter() - t0,
+        }
         row = {**step_metrics(step, groups_P, stats, train_tokens), **timings, **evals}
         run.log(row)
         save_if_due(run, cfg, handle, step + 1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", signal=f"{row['signal_groups']:.2f}")
     if eval_sets:  # the final policy (checkpoint step_<max_steps>) gets a row of its own
-        run.log({"step": cfg.max_steps, **eval_policy(sampler, eval_sets, cfg.max_tokens, run.path / "eval" / f"step_{cfg.max_steps:06d}", cfg.reward_policy)})
+        run.log(
+            {
+                "step": cfg.max_steps,
+                **eval_policy(sampler, eval_sets, cfg.max_tokens, cfg.prompt_format, run.path / "eval" / f"step_{cfg.max_steps:06d}", cfg.reward_policy),
+            }
+        )
     sampler.close()
     run.close()
     distributed.shutdown(handle)  # releases ranks > 0 from follow_rank0
@@ -125,6 +145,9 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
 
 def run_rl(cfg: RLConfig, name: str = "rl", progress: bool = True) -> RunDir:
     cfg = resolve_precision(cfg)  # config.json records the dtype the run uses, not "auto"
+    device = resolve_device(cfg.device)
+    placement_for(cfg, device, distributed.World())  # before the run directory exists: placement errors name the machine,
+    check_before_loading(cfg, device, distributed.world_size_from_env())  # the memory plan names the key to change
     return train(cfg, distributed.from_rank0(lambda: create_run(cfg, name, "rl")), progress)
 
 

@@ -69,12 +69,15 @@ from rlora.data import Problem, batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
 from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.experiments.sweep import SWEEP_FILE, Point, Sweep, check_same_config, parse_sweep, write_sweep_record
+from rlora.plan import check_before_loading
 from rlora.rl.handoff import Probe, make_probe, publish
 from rlora.rl.steps import learn, reward_group, step_metrics
 from rlora.runs import RunDir, create_run, reopen_run
 from rlora.train import lora
+from rlora.train.distributed import World
 from rlora.train.learner import DTYPES, Learner, LearnerSpec, load_policy
 from rlora.train.models import resolve_model
+from rlora.train.placement import Placement, placement_for
 from rlora.train.setup import learner_spec, restore, save_if_due, seed_everything
 
 MULTI_KEYS = ("base", "out", "fixed", "runs", "grid")
@@ -82,7 +85,19 @@ MULTI_KEYS = ("base", "out", "fixed", "runs", "grid")
 # whole call) and one frozen base serves every learner (model, dtype, device).
 # rl-multi runs the engine and every learner in this one process (no torchrun, no split placement).
 ONE_PROCESS = {"placement": "colocate", "tensor_parallel_size": 1}
-SHARED_KEYS = ("model", "dtype", "device", "kv_cache_gib", "gpu_memory_utilization", "max_model_len", "group_size", "max_tokens", "temperature")
+SHARED_KEYS = (
+    "model",
+    "dtype",
+    "device",
+    "kv_cache_gib",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "group_size",
+    "max_tokens",
+    "temperature",
+    "placement",
+    "tensor_parallel_size",
+)
 
 
 # ------------------------------------------------------------------------------------ the file
@@ -193,7 +208,9 @@ def multi_step(sampler: Sampler, tenants: Sequence[Tenant], step: int) -> list[d
     handoff keys are the run's own.
     """
     t0 = time.perf_counter()
-    prompts_K_P = [[make_prompt(p, sampler.tokenizer) for p in batch_for_step(t.problems, step, t.cfg.prompts_per_step, t.cfg.seed)] for t in tenants]
+    prompts_K_P = [
+        [make_prompt(p, sampler.tokenizer, t.cfg.prompt_format) for p in batch_for_step(t.problems, step, t.cfg.prompts_per_step, t.cfg.seed)] for t in tenants
+    ]
     shared = tenants[0].cfg  # group_size, max_tokens, temperature are SHARED_KEYS
     slots = [t.slot for t, prompts_P in zip(tenants, prompts_K_P) for _ in prompts_P]
     samples_N_G = sampler.sample([p for prompts_P in prompts_K_P for p in prompts_P], shared.group_size, shared.max_tokens, shared.temperature, slots)
@@ -209,9 +226,31 @@ def multi_step(sampler: Sampler, tenants: Sequence[Tenant], step: int) -> list[d
         stats, train_tokens = learn(tenant.learner, groups_P, tenant.cfg, sampler.tokenizer.pad_token_id or 0)
         t3 = time.perf_counter()
         handoff = publish(tenant.learner, slot, step + 1, tenant.probe)
-        rows.append({**step_metrics(step, groups_P, stats, train_tokens), "sample_s": sample_s, "grade_s": t2 - t1, "learn_s": t3 - t2, **handoff})
+        row = {**step_metrics(step, groups_P, stats, train_tokens), "sample_s": sample_s, "grade_s": t2 - t1, "learn_s": t3 - t2, **handoff}
+        rows.append({**row, "handoff_bytes": sampler.handoff_bytes})
     step_s = time.perf_counter() - t0
     return [{**row, "step_s": step_s} for row in rows]
+
+
+def multi_engine_spec(cfgs: Sequence[RLConfig], model_path: str, device: str, place: Placement, start_step: int) -> EngineSpec:
+    """The one engine of K LoRA runs, on the GPUs `place` gives it (vLLM `device_ids`)."""
+    first = cfgs[0]
+    return EngineSpec(
+        model_path=model_path,
+        device=device.split(":")[0],
+        dtype=first.dtype,
+        lora_rank=max(int(cfg.rank) for cfg in cfgs),
+        kv_cache_gib=first.kv_cache_gib,
+        gpu_memory_utilization=first.gpu_memory_utilization,
+        max_model_len=first.max_model_len,
+        max_num_seqs=max(256, sum(cfg.prompts_per_step for cfg in cfgs) * first.group_size),
+        seed=first.seed + start_step,
+        max_loras=len(cfgs),
+        device_ids=place.sampler_gpus,
+        tensor_parallel_size=first.tensor_parallel_size,
+        in_process=place.engine_in_process,
+        cpu_threads_bind=place.cpu_threads_bind,
+    )
 
 
 def train_multi(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool = True) -> list[RunDir]:
@@ -230,25 +269,15 @@ def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> l
     first = cfgs[0]
     seed_everything(first.seed)
     device = resolve_device(first.device)
+    # one base and one engine; learners step one after another: the largest micro-batch bounds the peak
+    check_before_loading(max(cfgs, key=lambda c: c.micro_batch * c.max_tokens), device, 1)
+    place = placement_for(first, device, World())  # one process: `device: cuda:N` puts learners AND engine on GPU N
     model_path = resolve_model(first.model)
-    learners = shared_base_learners([learner_spec(cfg, model_path, device) for cfg in cfgs])
+    learners = shared_base_learners([learner_spec(cfg, model_path, place.learner_device) for cfg in cfgs])
     starts = [restore(run, learner) for (_, run), learner in zip(runs, learners)]
     for cfg, (_, run) in zip(cfgs, runs):
         run.record({"reward_policy": rewards.describe_policy(cfg.reward_policy), "dtype": cfg.dtype})
-    sampler = Sampler(
-        EngineSpec(
-            model_path=model_path,
-            device=device.split(":")[0],
-            dtype=first.dtype,
-            lora_rank=max(int(cfg.rank) for cfg in cfgs),
-            kv_cache_gib=first.kv_cache_gib,
-            gpu_memory_utilization=first.gpu_memory_utilization,
-            max_model_len=first.max_model_len,
-            max_num_seqs=max(256, sum(cfg.prompts_per_step for cfg in cfgs) * first.group_size),
-            seed=first.seed + min(starts),
-            max_loras=len(cfgs),
-        )
-    )
+    sampler = Sampler(multi_engine_spec(cfgs, model_path, device, place, min(starts)))
     tenants = [
         Tenant(
             slot=f"run{k}",
@@ -256,7 +285,7 @@ def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> l
             run=run,
             learner=learner,
             problems=load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed),
-            probe=make_probe(sampler.tokenizer, cfg.dtype, cfg.probe_tol),
+            probe=make_probe(sampler.tokenizer, cfg.dtype, cfg.probe_tol, cfg.prompt_format),
             start_step=start,
         )
         for k, (cfg, (_, run), learner, start) in enumerate(zip(cfgs, runs, learners, starts))

@@ -8,6 +8,7 @@ replayed or inspected stage by stage in a REPL.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -26,9 +27,10 @@ class Prompt:
 
     problem_id: str  # stable id within its dataset (used for logging and dedup)
     question: str  # the user message before the chat template
-    prompt_ids: tuple[int, ...]  # chat-templated token ids fed to the sampler and the learner
+    prompt_ids: tuple[int, ...]  # the rendered prompt's token ids (chat template or plain text), fed to sampler and learner
     reference: str  # gold answer, graded by `rewards.grade(..., task)`
     reward_task: str  # the rewards task that grades it: "math", "gsm8k", "aime", "number"
+    stop: tuple[str, ...] = ()  # strings that end a completion besides EOS (a base model's prompt format, rlora.data.PROMPT_FORMATS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,3 +98,15 @@ class TrainBatch:
     def num_tokens(self) -> int:
         """Completion tokens that carry loss."""
         return int(self.mask_B_T.sum().item())
+
+
+@dataclass(frozen=True)
+class PushedWeights:
+    """FullFT weights that the learner sends itself, in GPU memory (rlora.engine.weight_sync), handed to
+    `Sampler.load_weights` in place of tensors: the sampler calls `push` (every learner rank takes part)."""
+
+    push: Callable[[], None]
+    nbytes: int  # bytes moved, in the engine's dtype
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        raise TypeError("weights pushed through vLLM's weight transfer are sent by `push`, not iterated")

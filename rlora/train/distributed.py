@@ -19,14 +19,25 @@ Two layouts (config `learner_parallel`):
   torch's DistributedDataParallel: it averages, and its per-backward hooks would need `no_sync`
   around all but the last micro-batch; one reduction after the micro-batch loop is simpler and
   equal.
-- `fsdp` (`ShardedLearner`, FullFT only): torch FSDP2 (`fully_shard`) on every decoder layer
-  and on the decoder, so parameters, gradients and AdamW state are sharded; gradients are
-  reduce-scattered as a SUM (divide factor 1, sum-only collectives, which gloo also supports).
-  The input embedding (tied to the output layer in small models) and the output layer stay
-  whole on every rank and are summed like `ddp`: the learner calls the decoder and the output
-  layer separately (logits only at completion positions), and tied weights must stay one
-  tensor. Anything that reads the weights (the handoff probe's forward, the FullFT handoff,
-  checkpoints) is then collective and runs on every rank.
+- `fsdp` (`ShardedLearner`, FullFT only): torch FSDP2 (`fully_shard`) on every decoder layer,
+  on the decoder (its final norm and, when untied, the input embedding) and on an untied output
+  layer, so parameters, gradients and AdamW state are sharded, embedding and output layer
+  included (half a gigabyte each per rank at 8B instead of 2 GB whole with 16 GB of AdamW state).
+  Gradients are reduce-scattered as a SUM (divide factor 1, sum-only collectives, which gloo also
+  supports), once per step by default (`fsdp_grad_reduce: step`: unsharded float32 gradients
+  accumulate over the micro-batches, 4 bytes/param per rank) or after every micro-batch
+  (`micro_batch`: sharded gradients, one reduce-scatter per micro-batch). In bf16, a
+  `MixedPrecisionPolicy` (parameters gathered in bf16, gradients reduced in float32) replaces
+  autocast: the shards stay float32 master weights, all-gathers move bf16, and no bf16 copy
+  outlives its layer. A tied embedding (small models) stays whole and is summed like `ddp`: the
+  learner calls the decoder and the output layer separately (logits only at completion
+  positions), and tied weights must stay one tensor. Anything that reads the weights (the
+  handoff probe's forward, the FullFT handoff, checkpoints) is then collective and runs on every
+  rank.
+
+Control plane: announced calls, batches and statistics travel over a separate gloo group with an
+explicit timeout (`control_group`, RLORA_CONTROL_TIMEOUT_S, default 6 h), not over NCCL with its
+10-minute default: followers wait there while rank 0 samples and evaluates.
 
 Launch: `WORLD_SIZE` > 1 in the environment turns this on; accelerate's `PartialState` reads the
 launcher's variables and initialises the process group (gloo on CPU, nccl with a CPU gloo side
@@ -38,10 +49,13 @@ FSDP's per-layer collectives need every rank to run the same number of micro-bat
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -50,8 +64,8 @@ import torch.distributed as dist
 from torch import nn
 
 from rlora.rl.losses import LossFn
-from rlora.rl.types import TrainBatch
-from rlora.train.learner import BackwardPass, ClipFn, Learner, LearnerHandle, LearnerSpec, make_optimizer, step_stats
+from rlora.rl.types import PushedWeights, TrainBatch
+from rlora.train.learner import DTYPES, BackwardPass, ClipFn, Learner, LearnerHandle, LearnerSpec, make_optimizer, step_stats
 
 STOP = "stop"
 T = TypeVar("T")
@@ -96,12 +110,33 @@ def close_world() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    control_group.cache_clear()
+
+
+def control_timeout() -> timedelta:
+    """How long a rank waits for the next control message: RLORA_CONTROL_TIMEOUT_S, default 6 hours.
+
+    Followers wait in `follow` while rank 0 samples, grades and evaluates (an evaluation of 1,500
+    problems at 8B takes tens of minutes); the 10-minute default of NCCL would kill the run.
+    """
+    return timedelta(seconds=float(os.environ.get("RLORA_CONTROL_TIMEOUT_S", 6 * 3600)))
+
+
+@functools.cache
+def control_group() -> dist.ProcessGroup:
+    """The control plane: a gloo group over every rank, with `control_timeout`.
+
+    Announced calls, batches and statistics are small pickled CPU objects: over gloo they need
+    no GPU memory and never queue behind the NCCL gradient collectives. Created on first use,
+    which every rank reaches at the same point (the first `broadcast_object`).
+    """
+    return dist.new_group(backend="gloo", timeout=control_timeout())
 
 
 def broadcast_object(obj: object = None) -> object:
-    """Rank 0's `obj` on every rank (pickled)."""
+    """Rank 0's `obj` on every rank (pickled, over the control group)."""
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=control_group())
     return box[0]
 
 
@@ -186,7 +221,7 @@ def gather_passes(seen: BackwardPass) -> list[BackwardPass]:
     """Every rank's BackwardPass on rank 0 (an empty list elsewhere), for the step's statistics."""
     cpu = BackwardPass(seen.loss, seen.learner_lp_N.cpu(), seen.sampler_lp_N.cpu(), seen.entropy_N.cpu())
     out: list[BackwardPass | None] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(cpu, out, dst=0)
+    dist.gather_object(cpu, out, dst=0, group=control_group())
     return [p for p in out or [] if p is not None]
 
 
@@ -196,7 +231,8 @@ def gather_passes(seen: BackwardPass) -> list[BackwardPass]:
 class DataParallelLearner(Learner):
     """A whole-model replica per rank (`learner_parallel: ddp`); `train_step` is collective."""
 
-    COLLECTIVE = frozenset({"train_step"})
+    # weights: with an in-memory transfer every rank takes part in it (vLLM's IPC handle all-gather)
+    COLLECTIVE = frozenset({"train_step", "empty_cache", "weights", "init_weight_transfer"})
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> dict[str, float]:
         """Every rank, same `batch`: this rank's rows, summed gradients, one identical step; stats on rank 0."""
@@ -206,26 +242,59 @@ class DataParallelLearner(Learner):
         passes = gather_passes(seen)
         return step_stats(passes, grad_norm, cap) if passes else {}
 
+    def weights(self) -> Iterable[tuple[str, torch.Tensor]] | PushedWeights:
+        return super().weights() if self.transfer is None else pushed_weights(self)
+
+
+def pushed_weights(learner: Learner) -> Iterable[tuple[str, torch.Tensor]] | PushedWeights:
+    """`weights()` with an in-memory transfer attached: rank 0 hands the sampler a `PushedWeights`, whose
+    `push` joins the round the other ranks are already in (they push as soon as the call is announced)."""
+    if dist.get_rank() == 0:
+        return PushedWeights(learner.push_weights, learner.handoff_nbytes())
+    learner.push_weights()
+    return ()
+
 
 class ShardedLearner(DataParallelLearner):
     """FullFT with FSDP2 (`learner_parallel: fsdp`): reading the weights is collective too."""
 
-    COLLECTIVE = frozenset({"train_step", "sequence_logprobs", "weights", "state"})
+    COLLECTIVE = frozenset({"train_step", "sequence_logprobs", "weights", "state", "empty_cache", "init_weight_transfer"})
 
     def __init__(self, spec: LearnerSpec) -> None:
         if spec.lora is not None:
             raise ValueError("learner_parallel=fsdp shards full fine-tuning; LoRA runs use learner_parallel=ddp")
         super().__init__(spec)
-        shard_decoder(self.model, torch.device(spec.device).type)
+        compute = DTYPES[spec.dtype]
+        self.mixed = compute != torch.float32  # FSDP casts per unit; autocast would keep low-precision copies alive
+        self.tied = self.model.get_output_embeddings().weight is self.model.get_input_embeddings().weight
+        self.units = shard_model(self.model, torch.device(spec.device).type, compute if self.mixed else None)
         # fully_shard replaced the parameters: the optimizer must hold the new (sharded) ones
         self.optimizer = make_optimizer(self.model, spec)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
+    def _autocast(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # MixedPrecisionPolicy: each unit computes in bf16 from gathered bf16 parameters
+
+    def _head_input(self, hidden_N_H: torch.Tensor) -> torch.Tensor:
+        # a tied output layer is the whole float32 embedding (not an FSDP unit): it gets float32 input
+        return hidden_N_H.float() if self.mixed and self.tied else hidden_N_H
+
+    def _before_backward(self, last: bool) -> None:
+        if self.spec.fsdp_grad_reduce == "step":  # accumulate unsharded gradients; one reduce-scatter after the last micro-batch
+            for unit in self.units:
+                unit.set_requires_gradient_sync(last, recurse=False)
+
     def optimizer_step(self, clip_fn: ClipFn = clip_sharded_grad_norm_) -> float:
         return super().optimizer_step(clip_fn)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every rank: the whole weights gathered parameter by parameter, on rank 0's host memory."""
+    def weights(self) -> Iterable[tuple[str, torch.Tensor]] | PushedWeights:
+        """Every rank: the whole weights gathered parameter by parameter, on rank 0's host memory
+        (with an in-memory transfer: pushed, see `pushed_weights`)."""
+        if self.transfer is not None:
+            return pushed_weights(self)
+        return self.gathered_weights()
+
+    def gathered_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         main = dist.get_rank() == 0
         full = []
         for name, param in self.model.named_parameters():
@@ -238,7 +307,7 @@ class ShardedLearner(DataParallelLearner):
         """Every rank: whole weights and an FQN-keyed whole optimizer state, on rank 0."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        trainable = dict(self.weights())
+        trainable = dict(self.gathered_weights())
         optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {"trainable": trainable, "optimizer": optimizer}
 
@@ -251,22 +320,32 @@ class ShardedLearner(DataParallelLearner):
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
 
 
-def shard_decoder(model: nn.Module, device_type: str) -> None:
-    """FSDP2 on each decoder layer and on the decoder; the embedding and output layer stay whole."""
+def shard_model(model: nn.Module, device_type: str, param_dtype: torch.dtype | None) -> list[nn.Module]:
+    """FSDP2 units: each decoder layer, the decoder (its norm, and the embedding when untied), and
+    an untied output layer; returns them.
+
+    `param_dtype` (bf16): MixedPrecisionPolicy gathers parameters in it and reduces gradients in
+    float32, so the shards stay float32 master weights and no low-precision copy outlives its
+    layer. A tied embedding (small models) stays whole: the learner calls the decoder and the
+    output layer separately, and the tied weight must stay one tensor.
+    """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    decoder = model.get_decoder()
-    units = [*decoder.layers, decoder]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None else MixedPrecisionPolicy()
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    tied = head.weight is model.get_input_embeddings().weight
+    units = [*decoder.layers, decoder] + ([] if tied else [head])
     for unit in units:
-        ignored = {model.get_input_embeddings().weight} if unit is decoder else None
-        # reshard after forward, the root too (FSDP's default keeps the root whole): after a
+        ignored = {model.get_input_embeddings().weight} if unit is decoder and tied else None
+        # reshard after forward, the roots too (FSDP's default keeps a root whole): after a
         # no-grad forward (the handoff probe) the parameters must again be the optimizer's shards
-        fully_shard(unit, mesh=mesh, ignored_params=ignored, reshard_after_forward=True)
+        fully_shard(unit, mesh=mesh, ignored_params=ignored, reshard_after_forward=True, mp_policy=policy)
         # sum, not mean: the loss is already normalised by the global token count
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
+    return units
 
 
 LEARNERS: dict[str, type[DataParallelLearner]] = {"ddp": DataParallelLearner, "fsdp": ShardedLearner}
@@ -303,8 +382,13 @@ class LeaderLearner:
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         return cast(list[float], self._call("sequence_logprobs", token_ids))
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return cast(Iterator[tuple[str, torch.Tensor]], self._call("weights"))
+    def weights(self) -> Iterable[tuple[str, torch.Tensor]] | PushedWeights:
+        return cast(Iterable[tuple[str, torch.Tensor]] | PushedWeights, self._call("weights"))
+
+    def init_weight_transfer(self, backend: str, engine_workers: int, client: object | None) -> None:
+        """Every rank attaches the transfer; only rank 0 holds the engine's client (it cannot be pickled)."""
+        broadcast_object(("init_weight_transfer", (backend, engine_workers, None)))
+        self.learner.init_weight_transfer(backend, engine_workers, client)
 
     def write_adapter(self, path: Path) -> None:
         self.learner.write_adapter(path)  # LoRA runs are replicated: rank 0 holds the whole adapter
@@ -314,6 +398,9 @@ class LeaderLearner:
 
     def state(self) -> dict[str, object]:
         return cast(dict[str, object], self._call("state"))
+
+    def empty_cache(self) -> None:
+        self._call("empty_cache")  # every rank: ranks that share a GPU with an engine worker (tp > 1) too
 
     def close(self) -> None:
         """Release the followers from `follow`."""

@@ -19,7 +19,7 @@ puts a cross-rank gradient sum between the two and merges the ranks' `BackwardPa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from rlora.rl.losses import LossFn, ratio_stats
-from rlora.rl.types import TrainBatch
+from rlora.rl.types import PushedWeights, TrainBatch
 from rlora.train import lora
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -47,6 +47,7 @@ class LearnerSpec:
     dtype: str = "bfloat16"
     micro_batch: int = 16
     seed: int = 0
+    fsdp_grad_reduce: str = "step"  # FSDP only: reduce-scatter once per step (step) or after every micro-batch
 
 
 def load_policy(spec: LearnerSpec) -> nn.Module:
@@ -56,6 +57,11 @@ def load_policy(spec: LearnerSpec) -> nn.Module:
     if spec.dtype not in DTYPES:
         raise ValueError(f"config key 'dtype' must be one of {sorted(DTYPES)}, got {spec.dtype!r}")
     model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
+    return prepare_policy(model, spec)
+
+
+def prepare_policy(model: nn.Module, spec: LearnerSpec) -> nn.Module:
+    """A float32 causal LM made into the policy: LoRA applied (base in compute precision) or all trainable, on its device."""
     if spec.lora is not None:
         model.to(DTYPES[spec.dtype])  # frozen base in compute precision
         # Our own generator: an in-process vLLM engine reseeds the global RNGs.
@@ -106,13 +112,17 @@ class LearnerHandle(Protocol):
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]: ...
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+    def weights(self) -> Iterable[tuple[str, torch.Tensor]] | PushedWeights: ...
 
     def write_adapter(self, path: Path) -> None: ...
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]: ...
 
     def state(self) -> dict[str, object]: ...
+
+    def empty_cache(self) -> None: ...
+
+    def init_weight_transfer(self, backend: str, engine_workers: int, client: object | None) -> None: ...
 
 
 class Learner:
@@ -122,6 +132,7 @@ class Learner:
         self.model = load_policy(spec) if model is None else model
         self.optimizer = make_optimizer(self.model, spec)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.transfer: object | None = None  # vLLM's trainer-side weight transfer engine, when attached
 
     # ---------------------------------------------------------------- forward
 
@@ -143,12 +154,20 @@ class Learner:
         with self._autocast():
             hidden_B_T_H = self.model.get_decoder()(input_ids=tokens_B_T, attention_mask=attention_B_T).last_hidden_state
             on_N = mask_B_T.bool()
-            logits_N_V = self.model.get_output_embeddings()(hidden_B_T_H[on_N])
+            head = self.model.get_output_embeddings()
+            logits_N_V = head(self._head_input(hidden_B_T_H[on_N]))
         logprobs_N_V = (logits_N_V.float() / temperature).log_softmax(-1)
         lp_N = logprobs_N_V.gather(-1, targets_B_T[on_N][:, None]).squeeze(-1)
         with torch.no_grad():
             entropy_N = -(logprobs_N_V.exp() * logprobs_N_V).sum(-1)
         return lp_N, entropy_N
+
+    def _head_input(self, hidden_N_H: torch.Tensor) -> torch.Tensor:
+        """The output layer's input; a sharded learner casts it where the layer runs in another dtype."""
+        return hidden_N_H
+
+    def _before_backward(self, last: bool) -> None:
+        """Before each micro-batch's backward (`last`: the step's final one); a sharded learner delays its reduction."""
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
@@ -188,6 +207,7 @@ class Learner:
             slp_N = batch.sampler_logprobs_B_T[rows, :T][on].to(lp_N.device)
             adv_N = batch.advantages_B[rows, None].expand_as(mask_b_T)[on].to(lp_N.device)
             loss = loss_fn(lp_N, slp_N, adv_N, cap).sum() / norm
+            self._before_backward(last=start + self.spec.micro_batch >= B)
             loss.backward()
             loss_sum += loss.item()
             learner_lp.append(lp_N.detach())
@@ -208,8 +228,9 @@ class Learner:
     # ---------------------------------------------------------------- handoff and checkpoints
 
     def write_adapter(self, path: Path) -> None:
+        """The PEFT adapter in the engine's dtype: the engine casts to it anyway, and bf16 halves the bytes."""
         assert self.spec.lora is not None
-        lora.save_peft_adapter(self.model, self.spec.lora, path, base_model=self.spec.model_path)
+        lora.save_peft_adapter(self.model, self.spec.lora, path, base_model=self.spec.model_path, dtype=DTYPES[self.spec.dtype])
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """LoRA A and B (float32 masters, detached) as `<module path>.lora_A` / `.lora_B`: what the handoff verifies."""
@@ -219,12 +240,37 @@ class Learner:
             out[f"{name}.lora_A"], out[f"{name}.lora_B"] = m.lora_A.detach(), m.lora_B.detach()
         return out
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full weights in checkpoint names (tied lm_head appears once, as the embedding)."""
-        for name, param in self.model.named_parameters():
-            yield name, param.detach()
+    def weights(self) -> Iterable[tuple[str, torch.Tensor]] | PushedWeights:
+        """Full weights in checkpoint names (tied lm_head appears once, as the embedding); with an
+        in-memory transfer attached, a `PushedWeights` the sampler triggers instead."""
+        if self.transfer is not None:
+            return PushedWeights(self.push_weights, self.handoff_nbytes())
+        return ((name, param.detach()) for name, param in self.model.named_parameters())
 
-    def handoff(self) -> Callable[[Path], None] | Iterator[tuple[str, torch.Tensor]]:
+    def init_weight_transfer(self, backend: str, engine_workers: int, client: object | None) -> None:
+        """Attach vLLM's in-memory weight transfer (rlora.engine.weight_sync) for FullFT handoffs; every rank
+        (`client`: the engine's, on rank 0; None on the others, which never reach the engine)."""
+        from rlora.engine.weight_sync import FollowerClient, model_source, trainer_engine
+
+        assert self.spec.lora is None, "LoRA hands off adapter files"
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        source = model_source(self.model, DTYPES[self.spec.dtype])
+        self.transfer = trainer_engine(backend, rank, client if client is not None else FollowerClient(), source, engine_workers)
+
+    def push_weights(self) -> None:
+        """One transfer round: every rank materialises its parameters, rank 0 drives the engine's workers."""
+        assert self.transfer is not None
+        self.transfer.send_weights()  # type: ignore[attr-defined]  # vLLM's TrainerWeightTransferEngine
+
+    def handoff_nbytes(self) -> int:
+        return sum(p.numel() for p in self.model.parameters()) * DTYPES[self.spec.dtype].itemsize
+
+    def empty_cache(self) -> None:
+        """Give the CUDA blocks this process cached but no longer uses back to the driver (before a sleeping engine wakes)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def handoff(self) -> Callable[[Path], None] | Iterable[tuple[str, torch.Tensor]] | PushedWeights:
         return self.write_adapter if self.spec.lora is not None else self.weights()
 
     def state(self) -> dict[str, object]:

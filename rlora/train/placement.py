@@ -6,9 +6,11 @@ Placements (config key `placement`):
   rank r takes GPU r. On CPU this is the only placement.
 - `split`: the engine gets the first `tensor_parallel_size` GPUs and the learner ranks the next
   ones (rank r on GPU tp + r): nothing shared, so the engine may take most of its GPUs' memory.
-- `sleep`: colocate, and the engine sleeps while the learner steps (vLLM sleep mode level 1:
-  weights to host memory, KV cache dropped) and wakes before the handoff. CUDA only: vLLM's
-  sleep mode needs its CUDA allocator, and vLLM refuses it on CPU.
+- `sleep`: colocate, and the engine sleeps while the learner steps (vLLM sleep level 1 for
+  LoRA: base weights to host memory; level 2 for FullFT: weights dropped, since the handoff
+  overwrites them; the KV cache dropped either way) and wakes before the handoff, after the
+  learner processes emptied their CUDA caches (`Sampler.asleep`). CUDA only: vLLM's sleep mode
+  needs its CUDA allocator, and vLLM refuses it on CPU.
 
 `tensor_parallel_size` > 1 shards the engine over several devices: GPUs on CUDA, CPU cores on
 CPU (vLLM's CPU workers, one per core group, bound by `VLLM_CPU_OMP_THREADS_BIND`, which is set

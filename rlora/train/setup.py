@@ -42,6 +42,7 @@ def learner_spec(cfg: TrainConfig, model_path: str, device: str) -> LearnerSpec:
         dtype=cfg.dtype,
         micro_batch=cfg.micro_batch,
         seed=cfg.seed,
+        fsdp_grad_reduce=cfg.fsdp_grad_reduce,
     )
 
 
@@ -77,4 +78,4 @@ def save_if_due(run: RunDir, cfg: TrainConfig, learner: LearnerHandle, next_step
     """Checkpoint the learner (and its PEFT adapter for LoRA) once `next_step` steps are done, when due."""
     if is_checkpoint_due(cfg, next_step):
         extra: dict[str, Callable[[Path], None]] = {"adapter": learner.write_adapter} if learner.spec.lora is not None else {}
-        run.save_checkpoint(next_step, learner.state(), extra)
+        run.save_checkpoint(next_step, learner.state(), extra, keep=cfg.keep_checkpoints, snapshot_dtype=cfg.dtype)
