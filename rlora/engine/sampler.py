@@ -254,12 +254,14 @@ class WorkerExtension:
         out["tensors"] = rows
         return out
 
-    def served_weight_prints(self, chunk: int = 256) -> dict[str, object]:
+    def served_weight_prints(self, max_chunk_elems: int = 1 << 25) -> dict[str, object]:
         """The fingerprints of every weight this worker serves, after vLLM's loading and repacking.
 
         On CPU vLLM packs each linear layer's weight into an opaque GEMM handle (`layer.cpu_linear`,
         oneDNN) and leaves an empty `layer.weight`; the served matrix is read back through that
-        same kernel by multiplying an identity matrix, in chunks of `chunk` rows: each output is
+        same kernel by multiplying an identity matrix (whole, or in row chunks whose output holds at
+        most `max_chunk_elems` elements; larger GEMMs run faster: 52 against 23 GFLOP/s for
+        down_proj at 1536 rows against 256, float32 on 2 AVX2 cores): each output is
         one weight times 1 plus exact zeros, so the read-back is bit-exact (W^T). The output layer
         is read back through its own packed copy too (the one the logits use; a tied one must hold
         the embedding). Every other parameter (embeddings, norms, and weights on GPU) is
@@ -282,6 +284,8 @@ class WorkerExtension:
                 weight = module.weight
                 K = int(weight.shape[1]) if weight.numel() else int(module.input_size_per_partition)
                 total = fingerprint(weight.new_zeros(0))
+                N = int(module.output_size_per_partition) if isinstance(module, LinearBase) else int(weight.shape[0])
+                chunk = max(256, min(K, max_chunk_elems // max(N, 1)))
                 for k0 in range(0, K, chunk):
                     rows_c = min(chunk, K - k0)
                     eye = weight.new_zeros(rows_c, K)
