@@ -59,8 +59,10 @@ def tiny_model_with_tokenizer(tmp_path_factory) -> str:
     for f in source.iterdir():
         if "token" in f.name or f.name.endswith(".jinja"):
             shutil.copy(f, path / f.name)
+    return str(path)
 
 
+@pytest.fixture(scope="session")
 def tiny_untied_model_path(tmp_path_factory) -> str:
     """The tiny Llama with a separate output layer, like the 8B models: FSDP shards its embedding and output layer."""
     from transformers import LlamaConfig, LlamaForCausalLM
