@@ -9,7 +9,7 @@ import pytest
 
 from rewards import grade, verify
 
-BOMB_LIMIT_S = 0.5  # "well under a second", with room for a loaded CI machine
+BOMB_LIMIT_S = 2.0  # bombs are refused in milliseconds by structural caps; 2 s is a hang guard that a slow or busy machine never hits
 
 BOMBS = {
     "power_tower": r"\boxed{9^{9^{9^{9}}}}",
@@ -74,7 +74,7 @@ def test_sympy_timeout_kills_worker_and_falls_back() -> None:
     verify(r"\frac{\sqrt{3}}{3}", r"\frac{1}{\sqrt{3}}")  # a warm worker, so start-up is not timed
     t0 = time.perf_counter()
     assert verify(*SLOW, timeout=0.2) is True  # undecided by sympy in time: numeric check decides
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 5.0  # the kill happened: sympy alone would take far longer (a hang guard, not a speed test)
     assert verify(r"\frac{\sqrt{5}}{5}", r"\frac{1}{\sqrt{5}}") is True  # a fresh worker serves next
     assert verify(r"\frac{\sqrt{5}}{4}", r"\frac{1}{\sqrt{5}}") is False
 
@@ -119,7 +119,7 @@ def test_timeout_holds_in_worker_processes() -> None:
         results = list(pool.map(_slow_in_child, [0.2, 0.2]))
     for ok, elapsed in results:
         assert ok is True
-        assert elapsed < 1.5
+        assert elapsed < 5.0  # timeout 0.2 plus a worker start-up on a possibly busy machine; a missed kill hangs far longer
 
 
 def test_random_strings_never_raise() -> None:
