@@ -7,7 +7,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
 
-from rewards import grade, verify
+from rewards import _limits, grade, verify
 
 BOMB_LIMIT_S = 2.0  # bombs are refused in milliseconds by structural caps; 2 s is a hang guard that a slow or busy machine never hits
 
@@ -70,11 +70,29 @@ def test_bombs_as_extracted_answers() -> None:
 SLOW = (r"(\sin^2 x + \cos^2 x)^{24} (x+1)^{24}", "(x+1)^{24}")
 
 
-def test_sympy_timeout_kills_worker_and_falls_back() -> None:
+def _count_kills(monkeypatch: pytest.MonkeyPatch | None = None) -> list[int]:
+    """Count `_limits` worker kills in this process (a missed kill would let sympy run on: seconds)."""
+    kills: list[int] = []
+    original = _limits._Worker.kill
+
+    def counting(self: _limits._Worker) -> None:
+        kills.append(1)
+        original(self)
+
+    if monkeypatch is None:
+        _limits._Worker.kill = counting  # type: ignore[method-assign]  # a spawned child: nothing to restore
+    else:
+        monkeypatch.setattr(_limits._Worker, "kill", counting)
+    return kills
+
+
+def test_sympy_timeout_kills_worker_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     verify(r"\frac{\sqrt{3}}{3}", r"\frac{1}{\sqrt{3}}")  # a warm worker, so start-up is not timed
+    kills = _count_kills(monkeypatch)
     t0 = time.perf_counter()
     assert verify(*SLOW, timeout=0.2) is True  # undecided by sympy in time: numeric check decides
-    assert time.perf_counter() - t0 < 5.0  # the kill happened: sympy alone would take far longer (a hang guard, not a speed test)
+    assert kills == [1], "the late worker must be killed at the deadline"
+    assert time.perf_counter() - t0 < 30.0  # a hang guard only: the kill above is what the contract says
     assert verify(r"\frac{\sqrt{5}}{5}", r"\frac{1}{\sqrt{5}}") is True  # a fresh worker serves next
     assert verify(r"\frac{\sqrt{5}}{4}", r"\frac{1}{\sqrt{5}}") is False
 
@@ -94,9 +112,9 @@ def test_threads_agree_with_sequential_and_stay_bounded() -> None:
         futures = [pool.submit(lambda j: (grade(j[0], j[1], timeout=0.5), time.perf_counter()), j) for j in jobs]
         results = [f.result() for f in futures]
     assert [score for score, _ in results] == [expected for _, _, expected in jobs]
-    # bombs finish at once even while other threads wait on sympy
-    assert results[0][1] - t0 < 1.0 and results[1][1] - t0 < 1.0
-    assert time.perf_counter() - t0 < 10.0
+    # bombs finish at once, before the slow job that other threads wait on sympy for
+    assert max(results[0][1], results[1][1]) < results[-1][1]
+    assert time.perf_counter() - t0 < 60.0  # a hang guard, not a speed test
 
 
 def test_bomb_in_a_thread() -> None:
@@ -107,19 +125,18 @@ def test_bomb_in_a_thread() -> None:
     assert time.perf_counter() - t0 < 2 * BOMB_LIMIT_S
 
 
-def _slow_in_child(timeout: float) -> tuple[bool, float]:
+def _slow_in_child(timeout: float) -> tuple[bool, int]:
     verify(r"\frac{\sqrt{3}}{3}", r"\frac{1}{\sqrt{3}}")  # start this process's sympy worker
-    t0 = time.perf_counter()
-    return verify(*SLOW, timeout=timeout), time.perf_counter() - t0
+    kills = _count_kills()
+    return verify(*SLOW, timeout=timeout), len(kills)
 
 
 def test_timeout_holds_in_worker_processes() -> None:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=ctx) as pool:
         results = list(pool.map(_slow_in_child, [0.2, 0.2]))
-    for ok, elapsed in results:
-        assert ok is True
-        assert elapsed < 5.0  # timeout 0.2 plus a worker start-up on a possibly busy machine; a missed kill hangs far longer
+    for ok, kills in results:
+        assert ok is True and kills == 1  # each child killed its late worker at the deadline
 
 
 def test_random_strings_never_raise() -> None:
