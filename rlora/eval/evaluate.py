@@ -517,7 +517,17 @@ def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
             "prompt_format": prompt_format,
         }
         return evaluate_problems(
-            sampler, problems, req.samples, req.temperature, req.max_tokens, req.out, settings, progress, runtime, prompt_format, req.reward_policy
+            sampler,
+            problems,
+            req.samples,
+            req.temperature,
+            req.max_tokens,
+            req.out,
+            settings,
+            progress,
+            runtime,
+            prompt_format=prompt_format,
+            reward_policy=req.reward_policy,
         )
     finally:
         sampler.close()
