@@ -8,40 +8,38 @@ from pathlib import Path
 import pytest
 import torch
 
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
+
+
+def save_tiny_llama(path: Path, seed: int, **config: object) -> str:
+    """A random Llama built from `config` with torch seed `seed`, saved in `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(path)
+    return str(path)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
     """A random 2-layer Llama with tied embeddings (vocab 128), saved once: seconds to load, every code path of a real one."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), 0, **TINY, max_position_embeddings=64, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_with_tokenizer(tmp_path_factory) -> str:
     """A random 2-layer Llama (2 heads of 64: TP 2 divides them; vLLM's CPU attention wants head_dim 64)
     with the default model's tokenizer."""
-    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig
 
     from rlora.train.models import resolve_model
 
     source = Path(resolve_model("default"))
     base = AutoConfig.from_pretrained(source)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    path = tmp_path_factory.mktemp("tiny_tok")
+    save_tiny_llama(
+        path,
+        0,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
@@ -54,8 +52,6 @@ def tiny_model_with_tokenizer(tmp_path_factory) -> str:
         bos_token_id=base.bos_token_id,
         eos_token_id=base.eos_token_id,
     )
-    path = tmp_path_factory.mktemp("tiny_tok")
-    LlamaForCausalLM(cfg).save_pretrained(path)
     for f in source.iterdir():
         if "token" in f.name or f.name.endswith(".jinja"):
             shutil.copy(f, path / f.name)
@@ -65,19 +61,4 @@ def tiny_model_with_tokenizer(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_untied_model_path(tmp_path_factory) -> str:
     """The tiny Llama with a separate output layer, like the 8B models: FSDP shards its embedding and output layer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    path = tmp_path_factory.mktemp("tiny_untied")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_untied"), 1, **TINY, max_position_embeddings=64, tie_word_embeddings=False)
