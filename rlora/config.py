@@ -125,6 +125,10 @@ class RLConfig(TrainConfig):
     group_size: int = 8
     max_tokens: int = 64
     temperature: float = 1.0
+    # asynchronous RL: the sampler may run up to this many policy versions ahead of the learner (0 = synchronous:
+    # sample, learn, hand off, in turn). A batch is trained at most max_staleness versions after the policy that
+    # sampled it; the importance weight p_learner / p_sampler corrects for the lag (rlora.rl.loop.run_steps).
+    max_staleness: int = 0
     # loss
     advantage: str = "center"  # center | center_std (see rlora.rl.advantages.ADVANTAGES)
     loss: str = "tis"  # is | tis | reinforce (see rlora.rl.losses.LOSSES)
@@ -136,6 +140,12 @@ class RLConfig(TrainConfig):
     gpu_memory_utilization: float = 0.35  # vLLM's share of GPU memory when colocated with the learner
     max_model_len: int = 1024
     probe_tol: float = 0.0  # handoff probe tolerance (nats/token); 0 = calibrated at the first handoff (rlora.rl.handoff.Probe)
+    # FullFT on CPU: vLLM packs each linear weight into an opaque GEMM, read back by multiplying identity rows
+    # (~2 s for the 135M model on 2 cores). Each handoff reads back this share of every packed GEMM's input
+    # columns, drawn afresh (plain tensors, adapters and GPU weights are always fingerprinted whole); the run's
+    # first handoff and every `fingerprint_full_every`-th version read back all of them (1 = every handoff).
+    fingerprint_fraction: float = 0.125
+    fingerprint_full_every: int = 10
     # scaling out (rlora.train.placement, rlora.train.distributed; README "Scaling out")
     placement: str = "colocate"  # colocate | split (sampler and learner on separate GPUs) | sleep (colocate + vLLM sleep mode)
     tensor_parallel_size: int = 1  # the sampler's vLLM tensor parallelism (GPUs, or CPU core groups)
@@ -154,6 +164,14 @@ class RLConfig(TrainConfig):
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)!r}")
+        if self.max_staleness < 0:
+            raise ConfigError(f"config key 'max_staleness' must be >= 0 (0 = synchronous), got {self.max_staleness!r}")
+        if self.max_staleness and self.placement == "sleep":
+            raise ConfigError("config key 'max_staleness': placement sleep puts the engine to sleep while the learner runs, so they cannot overlap; use 0")
+        if not 0 < self.fingerprint_fraction <= 1:
+            raise ConfigError(f"config key 'fingerprint_fraction' must be in (0, 1], got {self.fingerprint_fraction!r}")
+        if self.fingerprint_full_every < 1:
+            raise ConfigError(f"config key 'fingerprint_full_every' must be >= 1, got {self.fingerprint_full_every!r}")
         if self.temperature <= 0:
             raise ConfigError("config key 'temperature' must be > 0 (the importance ratio needs a sampling distribution)")
         if self.learner_parallel == "fsdp" and not self.is_full:

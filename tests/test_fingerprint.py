@@ -7,8 +7,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlora.engine.fingerprint import EMPTY, Fingerprint, ServedTensor, WorkerPrints, cast_like_vllm_lora_b, fingerprint, fingerprint_parts
-from rlora.rl.handoff import HandoffError, check_prints, check_slots, expect
+from rlora.engine.fingerprint import (
+    EMPTY,
+    Fingerprint,
+    ServedTensor,
+    WorkerPrints,
+    cast_like_vllm_lora_b,
+    columns_count,
+    fingerprint,
+    fingerprint_parts,
+    sampled_columns,
+    tensor_seed,
+)
+from rlora.rl.handoff import HandoffError, Probe, check_prints, check_seeds, check_slots, expect, learner_prints, wanted_from
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -83,14 +94,14 @@ def test_learner_cast_equals_vllm_load_path(dtype, scaling):
     assert fingerprint(served.lora_a) == fingerprint(a32.to(dtype))
 
 
-def _worker(rank: int, tensors: dict[str, tuple[tuple[str, ...], Fingerprint]], tp: int = 1, slot: int = 0) -> WorkerPrints:
-    served = tuple(ServedTensor(name, sources, fp) for name, (sources, fp) in tensors.items())
+def _worker(rank: int, tensors: dict[str, tuple[tuple[str, ...], Fingerprint]], tp: int = 1, slot: int = 0, columns: tuple[int, ...] = ()) -> WorkerPrints:
+    served = tuple(ServedTensor(name, sources, fp, columns) for name, (sources, fp) in tensors.items())
     return WorkerPrints(rank=rank, tp_rank=rank, tp_size=tp, slot=slot, slots=(7,), tensors=served)
 
 
 def test_check_prints_accepts_packed_and_sharded_and_names_the_bad_worker():
     q, k, v, o = (_tensor((32, 16), torch.float32, s) for s in range(4))
-    expected = {n: expect(t, 2) for n, t in {"l.q_proj.weight": q, "l.k_proj.weight": k, "l.v_proj.weight": v, "l.o_proj.weight": o}.items()}
+    expected = {(n, ()): expect(t, 2) for n, t in {"l.q_proj.weight": q, "l.k_proj.weight": k, "l.v_proj.weight": v, "l.o_proj.weight": o}.items()}
     qkv_sources = ("l.q_proj.weight", "l.k_proj.weight", "l.v_proj.weight")
 
     def rank_tensors(r: int, o_fp: Fingerprint) -> dict[str, tuple[tuple[str, ...], Fingerprint]]:
@@ -106,12 +117,80 @@ def test_check_prints_accepts_packed_and_sharded_and_names_the_bad_worker():
         check_prints(bad, expected, 3, "weights")
     # a learner tensor no worker serves
     with pytest.raises(HandoffError, match="no worker serves the learner's extra"):
-        check_prints(good, {**expected, "extra": expect(q, 2)}, 3, "weights")
+        check_prints(good, {**expected, ("extra", ()): expect(q, 2)}, 3, "weights")
     # an engine tensor the learner does not have must hold zeros
     zeros = [_worker(0, {"lm_head.lora_A": (("lm_head.lora_A",), EMPTY)})]
     assert check_prints(zeros, {}, 1, "adapter") == 1
     with pytest.raises(HandoffError, match="lm_head.lora_A"):
         check_prints([_worker(0, {"lm_head.lora_A": (("lm_head.lora_A",), fingerprint(q))})], {}, 1, "adapter")
+
+
+def _read_back(served_N_K: torch.Tensor, columns: tuple[int, ...]) -> Fingerprint:
+    """What a worker computes for a sampled check: identity rows at the sampled input columns through
+    its GEMM (x @ W^T), here the plain product, which is exact for one-hot rows."""
+    sel = sampled_columns(*columns)
+    eye = torch.zeros(len(sel), served_N_K.shape[1], dtype=served_N_K.dtype)
+    eye[torch.arange(len(sel)), sel] = 1
+    return fingerprint(eye @ served_N_K.t())
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_sampled_columns_are_checked_exactly_packed_and_sharded(tp):
+    """A sampled read-back (fingerprint_fraction < 1): the worker reads its packed qkv and its
+    row-parallel o_proj shard at the columns drawn from the handoff's seed; the learner's `expect` with
+    the same columns agrees. A change in a sampled column is caught and named; one in a column that was
+    not sampled is not (the sampled check's limit: whole read-backs every fingerprint_full_every versions)."""
+    q, k, v, o = (_tensor((32, 24), torch.float32, s) for s in range(4))
+    weights = {"l.q_proj.weight": q, "l.k_proj.weight": k, "l.v_proj.weight": v, "l.o_proj.weight": o}
+    qkv_sources = ("l.q_proj.weight", "l.k_proj.weight", "l.v_proj.weight")
+    seed = 1234
+
+    def workers(o_served: torch.Tensor) -> list[WorkerPrints]:
+        out = []
+        for r in range(tp):
+            qkv = torch.cat([torch.chunk(t, tp, 0)[r] for t in (q, k, v)])  # column parallel: rows of each part
+            o_r = torch.chunk(o_served, tp, 1)[r]  # row parallel: this worker's input columns
+            c_qkv = (tensor_seed(seed, "l.qkv_proj"), qkv.shape[1], columns_count(qkv.shape[1], 0.25))
+            c_o = (tensor_seed(seed, "l.o_proj"), o_r.shape[1], columns_count(o_r.shape[1], 0.25))
+            tensors = (
+                ServedTensor("l.qkv_proj", qkv_sources, _read_back(qkv, c_qkv), c_qkv),
+                ServedTensor("l.o_proj", ("l.o_proj.weight",), _read_back(o_r, c_o), c_o),
+            )
+            out.append(WorkerPrints(rank=r, tp_rank=r, tp_size=tp, slot=-1, slots=(), tensors=tensors))
+        return out
+
+    good = workers(o)
+    assert all(t.columns[2] < t.columns[1] for w in good for t in w.tensors)  # really a sample
+    check_seeds(good, seed, 5)
+    assert check_prints(good, learner_prints(weights.items(), tp, wanted_from(good)), 5, "weights") == 2 * tp
+    with pytest.raises(HandoffError, match="not this handoff's"):
+        check_seeds(good, seed + 1, 5)
+    o_cols = good[-1].tensors[1].columns  # the last worker's sampled columns of its o_proj shard
+    local = sampled_columns(*o_cols)
+    offset = (tp - 1) * o_cols[1]
+    changed = o.clone()
+    changed[3, offset + int(local[0])] += 1e-3  # a sampled column of the last worker
+    bad = workers(changed)
+    with pytest.raises(HandoffError, match=rf"worker {tp - 1} .*serves l\.o_proj .*input columns sampled: {o_cols[2]} of {o_cols[1]}"):
+        check_prints(bad, learner_prints(weights.items(), tp, wanted_from(bad)), 5, "weights")
+    unsampled = sorted(set(range(o_cols[1])) - set(local.tolist()))[0]
+    missed = o.clone()
+    missed[3, offset + unsampled] += 1e-3
+    quiet = workers(missed)
+    assert check_prints(quiet, learner_prints(weights.items(), tp, wanted_from(quiet)), 5, "weights") == 2 * tp
+    # a learner tensor no worker reports is still caught under sampling
+    with pytest.raises(HandoffError, match="no worker serves the learner's l.extra"):
+        check_prints(good, learner_prints([*weights.items(), ("l.extra", q)], tp, wanted_from(good)), 5, "weights")
+
+
+def test_sampled_handoffs_read_everything_first_and_every_kth_version():
+    probe = Probe([0], floor=1e-3, fingerprint_fraction=0.125, fingerprint_full_every=10)
+    assert probe.fingerprint_fraction_for(7) == 1.0  # the run's first handoff (uncalibrated): whole
+    probe.calibrate(1e-5)
+    assert [probe.fingerprint_fraction_for(v) for v in (8, 9, 10, 11, 20)] == [0.125, 0.125, 1.0, 0.125, 1.0]
+    assert Probe([0], floor=1e-3).fingerprint_fraction_for(3) == 1.0  # the default: every handoff whole
+    assert sampled_columns(7, 100, 13).tolist() == sampled_columns(7, 100, 13).tolist() != sampled_columns(8, 100, 13).tolist()
+    assert columns_count(576, 0.125) == 72 and columns_count(20, 0.125) == 8 and columns_count(4, 0.125) == 4
 
 
 def test_check_slots_names_the_worker_without_the_adapter():

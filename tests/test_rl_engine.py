@@ -125,9 +125,12 @@ def test_one_step_end_to_end(rank, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["rank"] == (1 if rank == "1" else "full")
 
 
-def test_kill_and_resume_has_each_step_once(tmp_path):
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_kill_and_resume_has_each_step_once(tmp_path, max_staleness):
+    """SIGKILL after two steps (with max_staleness 1 a batch is in flight then), resume: each step once."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "rlora.cli", "rl", *TINY, "rank=1", "lr=1e-3", "max_steps=4", "checkpoint_every=1", f"run_dir={run_dir}"]
+    cmd += [f"max_staleness={max_staleness}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
@@ -141,5 +144,6 @@ def test_kill_and_resume_has_each_step_once(tmp_path):
     proc.wait()
     done = subprocess.run([sys.executable, "-m", "rlora.cli", "rl", "--resume", str(run_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-2000:]
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == [0, 1, 2, 3]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["staleness"] <= max_staleness for r in rows)

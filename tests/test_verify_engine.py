@@ -141,6 +141,38 @@ def test_every_handoff_fault_stops_the_run_at_its_step(tiny_model_with_tokenizer
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sampled_fullft_read_back_catches_every_stale_or_partial_handoff(tiny_model_with_tokenizer, dtype):
+    """The run's default between whole read-backs (config fingerprint_fraction 0.125): each packed
+    GEMM read back at 1/8 of its input columns, drawn afresh. A skipped load, the previous version
+    and one tensor of one layer left old still stop the run at their step, at both ends of the
+    FullFT learning-rate range; correct handoffs pass and report the sampled fraction."""
+    path = tiny_model_with_tokenizer
+    run = Run(make_learner(path, "full", dtype), make_sampler(path, "full", dtype))
+    run.probe.fingerprint_fraction, run.probe.fingerprint_full_every = 0.125, 1000
+    learner, sampler = run.learner, run.sampler
+    try:
+        assert run.publish()["fingerprint_fraction"] == 1.0  # the run's first handoff: everything
+        for k, lr in enumerate(LRS["full"]):
+            optimizer_step(learner, lr, seed=10 * k)
+            run.fault("load_weights", lambda weights, version: None, "worker 0 .*weight .*input columns sampled")
+            assert run.publish()["fingerprint_fraction"] == 0.125
+            before = {n: t.clone() for n, t in learner.weights()}
+            optimizer_step(learner, lr, seed=10 * k + 1)
+            stale = lambda weights, version, before=before: Sampler.load_weights(sampler, iter(before.items()), version)  # noqa: E731
+            run.fault("load_weights", stale, "worker 0 .*weight")
+            run.publish()
+            name = f"{LAYER}.weight"
+            old = dict(learner.weights())[name].clone()
+            optimizer_step(learner, lr, seed=10 * k + 2)
+            one_old = lambda weights, version, name=name, old=old: Sampler.load_weights(sampler, old_tensor_in(weights, name, old), version)  # noqa: E731
+            run.fault("load_weights", one_old, rf"worker 0 .*{LAYER}\.weight")
+            stats = run.publish()
+            assert stats["fingerprint_ok"] == 1.0 and stats["fingerprint_fraction"] == 0.125
+    finally:
+        close(sampler)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_one_tensor_parallel_worker_left_old(tiny_model_with_tokenizer, dtype, monkeypatch):
     """CPU tensor parallelism 2 (the engine in its own process, FullFT weights through a file): the
     handoff reaches worker 0 only; worker 1 keeps one element of one layer old. Named: worker 1."""

@@ -17,6 +17,10 @@ elements). So:
   compared tensor (a transposed load) is not seen; the behavioural probe covers that.
 - Cheap: four int32 operations per element, in cache-sized chunks (no full-size temporaries).
 
+A sampled check (FullFT on CPU between whole read-backs, `rlora.rl.handoff`) fingerprints only
+the input columns `sampled_columns(seed, K, count)` of a packed weight; both sides draw the same
+columns from the seed the learner picked for that handoff.
+
 The engine side reads the tensors vLLM actually serves (`rlora.engine.sampler.WorkerExtension`);
 the learner side casts its master weights exactly as vLLM did (`cast_like_vllm_lora_b`), so the
 two agree bit for bit when the handoff worked. This module imports torch only (no vLLM).
@@ -24,12 +28,14 @@ two agree bit for bit when the handoff worked. This module imports torch only (n
 
 from __future__ import annotations
 
+import math
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MOD", "Fingerprint", "cast_like_vllm_lora_b", "chunk_fingerprints", "fingerprint", "fingerprint_parts"]
+__all__ = ["MOD", "Fingerprint", "cast_like_vllm_lora_b", "chunk_fingerprints", "fingerprint", "fingerprint_parts", "sampled_columns"]
 
 MOD = 1 << 63  # fingerprints are sums modulo 2^63: non-negative int64, fit any RPC encoding
 K1 = 0x9E3779B1 - (1 << 32)  # as a signed int32; odd, so multiplying by it is a bijection modulo 2^32
@@ -93,6 +99,23 @@ def chunk_fingerprints(tensor: torch.Tensor, parts: int, dim: int) -> tuple[Fing
     return tuple(fingerprint(c) for c in torch.chunk(tensor, parts, dim=dim))
 
 
+def sampled_columns(seed: int, size: int, count: int) -> torch.Tensor:
+    """`count` distinct indices in [0, size), sorted, drawn from `seed`: the input columns of a weight
+    that an engine worker reads back for a sampled check, recomputed identically by the learner."""
+    perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    return perm[: min(count, size)].sort().values
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """One handoff's seed made particular to a served tensor, so every tensor reads other columns."""
+    return (seed ^ zlib.crc32(name.encode())) & ((1 << 62) - 1)
+
+
+def columns_count(size: int, fraction: float) -> int:
+    """How many of `size` input columns a sampled check reads back (at least 8, at most all)."""
+    return min(size, max(8, math.ceil(fraction * size)))
+
+
 def cast_like_vllm_lora_b(lora_b: torch.Tensor, dtype: torch.dtype, scaling: float) -> torch.Tensor:
     """LoRA B as vLLM serves it: cast to the engine dtype (`from_lora_tensors`), then `lora_b *= scaling`
     in that dtype (`LoRALayerWeights.optimize`), skipped when scaling is 1, exactly as vLLM does it."""
@@ -112,6 +135,9 @@ class ServedTensor:
     name: str  # e.g. "model.layers.0.self_attn.qkv_proj.weight (served GEMM)" or "...qkv_proj[1].lora_A"
     sources: tuple[str, ...]  # checkpoint names packed into it: q_proj, k_proj, v_proj for a qkv_proj
     print: Fingerprint
+    # () when the whole tensor was fingerprinted; else (seed, size, count): only the input columns
+    # `sampled_columns(seed, size, count)` of this worker's (N, size) weight were read back
+    columns: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,7 +156,10 @@ class WorkerPrints:
         """From `WorkerExtension.served_*_prints` (plain lists and ints: they cross process boundaries)."""
         rows = raw["tensors"]
         assert isinstance(rows, list), f"worker reported {type(rows)}"
-        tensors = tuple(ServedTensor(str(r[0]), tuple(str(x) for x in r[1]), Fingerprint(int(r[2]), int(r[3]))) for r in rows)
+        tensors = tuple(
+            ServedTensor(str(r[0]), tuple(str(x) for x in r[1]), Fingerprint(int(r[2]), int(r[3])), tuple(int(x) for x in r[4]) if len(r) > 4 else ())
+            for r in rows
+        )
         slots = raw.get("slots", [])
         assert isinstance(slots, list)
         return WorkerPrints(

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rlora.engine.fingerprint import WorkerPrints, fingerprint
+from rlora.engine.fingerprint import WorkerPrints, columns_count, fingerprint, sampled_columns, tensor_seed
 from rlora.rl.types import Prompt, PushedWeights, Sample
 
 if TYPE_CHECKING:
@@ -254,7 +254,7 @@ class WorkerExtension:
         out["tensors"] = rows
         return out
 
-    def served_weight_prints(self, max_chunk_elems: int = 1 << 25) -> dict[str, object]:
+    def served_weight_prints(self, max_chunk_elems: int = 1 << 25, seed: int = 0, fraction: float = 1.0) -> dict[str, object]:
         """The fingerprints of every weight this worker serves, after vLLM's loading and repacking.
 
         On CPU vLLM packs each linear layer's weight into an opaque GEMM handle (`layer.cpu_linear`,
@@ -267,6 +267,11 @@ class WorkerExtension:
         the embedding). Every other parameter (embeddings, norms, and weights on GPU) is
         fingerprinted as it is. Each entry names its checkpoint tensors: a packed qkv_proj holds
         q_proj, k_proj and v_proj (the model's `packed_modules_mapping`).
+
+        With `fraction` < 1 a read-back GEMM multiplies only the identity rows of the input
+        columns `sampled_columns(seed ^ crc32(name), K, columns_count(K, fraction))` (a sampled
+        check at a fraction of the GEMM's cost; the entry reports the columns it read); every
+        other tensor is still fingerprinted whole.
         """
         from vllm.model_executor.layers.linear import LinearBase
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
@@ -285,13 +290,19 @@ class WorkerExtension:
                 K = int(weight.shape[1]) if weight.numel() else int(module.input_size_per_partition)
                 total = fingerprint(weight.new_zeros(0))
                 N = int(module.output_size_per_partition) if isinstance(module, LinearBase) else int(weight.shape[0])
+                name = f"{mod_name}.weight (served GEMM)"
+                columns: list[int] = []
+                cols = torch.arange(K)
+                if fraction < 1:
+                    columns = [tensor_seed(seed, name), K, columns_count(K, fraction)]
+                    cols = sampled_columns(*columns)
                 chunk = max(256, min(K, max_chunk_elems // max(N, 1)))
-                for k0 in range(0, K, chunk):
-                    rows_c = min(chunk, K - k0)
+                for k0 in range(0, len(cols), chunk):
+                    rows_c = min(chunk, len(cols) - k0)
                     eye = weight.new_zeros(rows_c, K)
-                    eye[torch.arange(rows_c), torch.arange(k0, k0 + rows_c)] = 1
+                    eye[torch.arange(rows_c), cols[k0 : k0 + rows_c]] = 1
                     total = total + fingerprint(module.cpu_linear(eye, weight, None))
-                rows.append([f"{mod_name}.weight (served GEMM)", checkpoint_names(mod_name, "weight", packed, is_head and tied), total.hash, total.nonzero])
+                rows.append([name, checkpoint_names(mod_name, "weight", packed, is_head and tied), total.hash, total.nonzero, columns])
                 seen.add(id(weight))
             for param_name, param in module.named_parameters(recurse=False):
                 if id(param) in seen or param.numel() == 0 or (reads_back and param_name == "weight"):
@@ -554,12 +565,13 @@ class Sampler:
 
     # ---------------------------------------------------------------- verification
 
-    def served_prints(self, tenant: str = DEFAULT_TENANT) -> list[WorkerPrints]:
+    def served_prints(self, tenant: str = DEFAULT_TENANT, *, seed: int = 0, fraction: float = 1.0) -> list[WorkerPrints]:
         """Per engine worker, the fingerprints of what it serves now: a tenant's adapter (its slot
-        buffers), or for FullFT every weight after loading and repacking. Call after a request has
-        used the adapter (the probe): vLLM copies an adapter into its slot when a batch first uses it."""
+        buffers), or for FullFT every weight after loading and repacking (`fraction` < 1: a sampled
+        read-back of the packed CPU GEMMs, `WorkerExtension.served_weight_prints`). Call after a request
+        has used the adapter (the probe): vLLM copies an adapter into its slot when a batch first uses it."""
         if self.spec.lora_rank is None:
-            raw = self.llm.collective_rpc("served_weight_prints")
+            raw = self.llm.collective_rpc("served_weight_prints", kwargs={"seed": seed, "fraction": fraction})
         else:
             assert tenant in self._loras, f"tenant {tenant!r} has no adapter in the engine"
             raw = self.llm.collective_rpc("served_lora_prints", args=(self._loras[tenant].lora_int_id,))
@@ -635,8 +647,8 @@ class AdapterSlot:
     def spec(self) -> EngineSpec:
         return self.sampler.spec
 
-    def served_prints(self) -> list[WorkerPrints]:
-        return self.sampler.served_prints(self.tenant)
+    def served_prints(self, *, seed: int = 0, fraction: float = 1.0) -> list[WorkerPrints]:
+        return self.sampler.served_prints(self.tenant, seed=seed, fraction=fraction)
 
     def served_base_prints(self) -> list[WorkerPrints]:
         return self.sampler.served_base_prints()

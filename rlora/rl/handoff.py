@@ -15,6 +15,10 @@ weights for FullFT. Then two checks, and any failure stops the run with `Handoff
    the engine's casts (`rlora.engine.fingerprint`). One changed element in any layer is caught,
    and the error names the worker, the tensor and the version. A LoRA run also checks the frozen
    base once, at its first handoff (an engine started from another checkpoint than the learner's).
+   FullFT on CPU reads its packed GEMMs back whole at the run's first handoff and every
+   `fingerprint_full_every`-th version, and a fresh random `fingerprint_fraction` of their input
+   columns in between (a whole read-back is a matrix product per layer, ~2 s for 135M parameters
+   on 2 cores); a stale or partial handoff leaves whole tensors old, which the sample catches.
 
 Why both: in bf16 one optimizer step moves the probe by less than the bf16 engine/learner noise
 (a stale engine passed the old probe in 8 of 8 measured cases), so only the fingerprint can tell
@@ -23,6 +27,7 @@ a policy that did not arrive; the probe stays as the end-to-end check.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +38,17 @@ import numpy as np
 import torch
 
 from rlora.data import render_turn, resolve_prompt_format
-from rlora.engine.fingerprint import EMPTY, Fingerprint, ServedTensor, WorkerPrints, cast_like_vllm_lora_b, chunk_fingerprints, fingerprint
+from rlora.engine.fingerprint import (
+    EMPTY,
+    Fingerprint,
+    ServedTensor,
+    WorkerPrints,
+    cast_like_vllm_lora_b,
+    chunk_fingerprints,
+    fingerprint,
+    sampled_columns,
+    tensor_seed,
+)
 from rlora.engine.sampler import EngineSpec
 from rlora.rl.types import Tokenizer
 from rlora.train import lora
@@ -72,6 +87,16 @@ class Probe:
     calibration_gap: float | None = None  # the gap measured then, when both sides held identical weights
     previous_lp: np.ndarray | None = None
     base_verified: bool = False  # LoRA: the frozen base's fingerprints were checked (once per run)
+    # FullFT on CPU: the share of each packed GEMM's input columns read back at a handoff (1 = all);
+    # the first handoff of a run and every `fingerprint_full_every`-th version read back everything
+    fingerprint_fraction: float = 1.0
+    fingerprint_full_every: int = 1
+
+    def fingerprint_fraction_for(self, version: int) -> float:
+        """This handoff's share of the packed GEMMs' columns to read back: all at the run's first
+        handoff (before calibration) and every `fingerprint_full_every`-th version, else the sample."""
+        whole = self.tol is None or self.fingerprint_full_every <= 1 or version % self.fingerprint_full_every == 0
+        return 1.0 if whole else self.fingerprint_fraction
 
     def calibrate(self, gap: float) -> float:
         if self.tol is None:
@@ -80,9 +105,18 @@ class Probe:
         return self.tol
 
 
-def make_probe(tokenizer: Tokenizer, dtype: str, probe_tol: float = 0.0, prompt_format: str = "auto") -> Probe:
-    """The run's probe: calibrated at the first handoff, or with a fixed tolerance when probe_tol > 0."""
-    return Probe(probe_ids(tokenizer, prompt_format), probe_tol or PROBE_FLOOR[dtype], fixed=bool(probe_tol))
+def make_probe(
+    tokenizer: Tokenizer, dtype: str, probe_tol: float = 0.0, prompt_format: str = "auto", fingerprint_fraction: float = 1.0, fingerprint_full_every: int = 1
+) -> Probe:
+    """The run's probe: calibrated at the first handoff, or with a fixed tolerance when probe_tol > 0;
+    with the run's fingerprint sampling (config keys of the same names; the defaults check everything)."""
+    return Probe(
+        probe_ids(tokenizer, prompt_format),
+        probe_tol or PROBE_FLOOR[dtype],
+        fixed=bool(probe_tol),
+        fingerprint_fraction=fingerprint_fraction,
+        fingerprint_full_every=fingerprint_full_every,
+    )
 
 
 class Engine(Protocol):
@@ -97,7 +131,7 @@ class Engine(Protocol):
 
     def prompt_logprobs(self, token_ids: Sequence[int]) -> list[float]: ...
 
-    def served_prints(self) -> list[WorkerPrints]: ...
+    def served_prints(self, *, seed: int = 0, fraction: float = 1.0) -> list[WorkerPrints]: ...
 
     def served_base_prints(self) -> list[WorkerPrints]: ...
 
@@ -116,7 +150,25 @@ class Expected:
     cols: tuple[Fingerprint, ...]  # along dim 1 (row parallel); () for 1-D tensors
 
 
-def expect(tensor: torch.Tensor, tp: int) -> Expected:
+Columns = tuple[int, ...]  # () for a whole tensor, else (seed, size, count) of `sampled_columns`
+
+
+def expect(tensor: torch.Tensor, tp: int, columns: Columns = ()) -> Expected:
+    """A learner tensor's fingerprints as tp workers would hold it; with `columns`, only those input
+    columns (dim 1) of what each worker holds: of the whole tensor, or of each column shard."""
+    if columns:
+        sel = sampled_columns(*columns)
+        size = columns[1]
+        if tensor.ndim == 2 and tensor.shape[1] == size:  # replicated or row-sharded: the worker holds every column
+            sub = tensor[:, sel]
+            return expect(sub, tp) if tp > 1 else Expected(fingerprint(sub), (fingerprint(sub),), ())
+        if tensor.ndim == 2 and tp > 1 and tensor.shape[1] == size * tp:  # column-sharded: each worker's own columns
+            cols = tuple(fingerprint(c[:, sel]) for c in torch.chunk(tensor, tp, 1))
+            whole = EMPTY
+            for fp in cols:
+                whole = whole + fp
+            return Expected(whole, (), cols)
+        return Expected(Fingerprint(-1, -1), (), ())  # no worker could have read these columns of this tensor
     if tp == 1:
         whole = fingerprint(tensor)
         return Expected(whole, (whole,), (whole,))
@@ -147,8 +199,34 @@ def weights_as_served(learner: LearnerHandle, dtype: torch.dtype) -> Iterator[tu
         yield name.replace(".base.", "."), t.detach().to(dtype)
 
 
-def learner_prints(tensors: Iterable[tuple[str, torch.Tensor]], tp: int) -> dict[str, Expected]:
-    return {name: expect(t, tp) for name, t in tensors}
+Wanted = dict[str, set[Columns]]  # per learner tensor, the column samples the engine's tensors need
+
+
+def wanted_from(workers: Sequence[WorkerPrints]) -> Wanted:
+    """Which fingerprints of which learner tensors the workers' report needs (whole, or sampled columns)."""
+    wanted: Wanted = {}
+    for w in workers:
+        for t in w.tensors:
+            for source in t.sources:
+                wanted.setdefault(source, set()).add(t.columns)
+    return wanted
+
+
+def learner_prints(tensors: Iterable[tuple[str, torch.Tensor]], tp: int, wanted: Wanted | None = None) -> dict[tuple[str, Columns], Expected]:
+    """The learner's fingerprints, keyed by (tensor name, columns); every tensor whole when `wanted` is
+    None. A tensor the workers do not report is only checked for being all zeros (see `check_prints`)."""
+    out: dict[tuple[str, Columns], Expected] = {}
+    for name, t in tensors:
+        needs = {()} if wanted is None else wanted.get(name)
+        if needs is None:
+            out[(name, UNSERVED)] = Expected(Fingerprint(0, int(torch.count_nonzero(t))), (), ())
+            continue
+        for columns in needs:
+            out[(name, columns)] = expect(t, tp, columns)
+    return out
+
+
+UNSERVED: Columns = (-1,)  # the key of a learner tensor no worker reported: only its nonzero count is kept
 
 
 # ------------------------------------------------------------------------------------ the comparison
@@ -156,11 +234,11 @@ def learner_prints(tensors: Iterable[tuple[str, torch.Tensor]], tp: int) -> dict
 RULES = ("replicated", "rows", "cols")  # how tensor parallelism deals a tensor to its ranks
 
 
-def expected_on(sources: Sequence[str], expected: dict[str, Expected], rule: str, tp_rank: int) -> Fingerprint:
+def expected_on(sources: Sequence[str], expected: dict[tuple[str, Columns], Expected], rule: str, tp_rank: int, columns: Columns = ()) -> Fingerprint:
     """What a worker of `tp_rank` must hold for a served tensor packed from `sources` under a sharding rule."""
     total = EMPTY
     for source in sources:
-        e = expected.get(source)
+        e = expected.get((source, columns))
         if e is None:  # a tensor the learner does not have: the engine must hold zeros (e.g. an untargeted LoRA layer)
             continue
         shards = {"replicated": None, "rows": e.rows, "cols": e.cols}[rule]
@@ -173,7 +251,7 @@ def expected_on(sources: Sequence[str], expected: dict[str, Expected], rule: str
     return total
 
 
-def check_prints(workers: Sequence[WorkerPrints], expected: dict[str, Expected], version: int, what: str) -> int:
+def check_prints(workers: Sequence[WorkerPrints], expected: dict[tuple[str, Columns], Expected], version: int, what: str) -> int:
     """Every served tensor on every worker against the learner's; raises HandoffError naming the first
     mismatches (worker, tensor, version). Returns how many (worker, tensor) pairs were compared.
 
@@ -193,7 +271,7 @@ def check_prints(workers: Sequence[WorkerPrints], expected: dict[str, Expected],
         covered.update(sources)
         best: list[tuple[WorkerPrints, ServedTensor, Fingerprint]] = []
         for rule in RULES:
-            wrong = [(w, t, want) for w, t in held if t.print != (want := expected_on(sources, expected, rule, w.tp_rank))]
+            wrong = [(w, t, want) for w, t in held if t.print != (want := expected_on(sources, expected, rule, w.tp_rank, t.columns))]
             if not wrong:
                 best = []
                 break
@@ -204,15 +282,16 @@ def check_prints(workers: Sequence[WorkerPrints], expected: dict[str, Expected],
         total = EMPTY
         for _, t in held:
             total = total + t.print
-        if len(held) > 1 and total == expected_on(sources, expected, "replicated", 0):
+        if len(held) > 1 and total == expected_on(sources, expected, "replicated", 0, held[0][1].columns):
             continue
         for w, t, want in best:
             learner = "+".join(sources)
+            sampled = f" (input columns sampled: {t.columns[2]} of {t.columns[1]})" if t.columns else ""
             problems.append(
                 f"worker {w.rank} (tensor-parallel rank {w.tp_rank}/{w.tp_size}) serves {t.name} with fingerprint {t.print.short()}, "
-                f"but the learner's {learner} gives {want.short()}"
+                f"but the learner's {learner} gives {want.short()}{sampled}"
             )
-    missing = sorted(n for n, e in expected.items() if n not in covered and e.whole.nonzero)
+    missing = sorted({n for (n, _), e in expected.items() if n not in covered and e.whole.nonzero})
     problems += [f"no worker serves the learner's {n}" for n in missing[:3]]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -230,8 +309,20 @@ def check_slots(workers: Sequence[WorkerPrints], lora_id: int, version: int) -> 
             )
 
 
-def verify_fingerprints(learner: LearnerHandle, engine: Engine, version: int, check_base: bool) -> dict[str, float]:
-    """Compare what every worker serves with the learner's weights (module docstring, check 2)."""
+def check_seeds(workers: Sequence[WorkerPrints], seed: int, version: int) -> None:
+    """A sampled read-back must use the columns this handoff asked for (an engine cannot pick its own)."""
+    for w in workers:
+        for t in w.tensors:
+            if t.columns and t.columns[0] != tensor_seed(seed, t.name):
+                raise HandoffError(f"policy v{version}: worker {w.rank} read back {t.name} at columns of seed {t.columns[0]}, not this handoff's")
+
+
+def verify_fingerprints(learner: LearnerHandle, engine: Engine, version: int, check_base: bool, fraction: float = 1.0) -> dict[str, float]:
+    """Compare what every worker serves with the learner's weights (module docstring, check 2).
+
+    `fraction` < 1 (FullFT on CPU): each packed GEMM is read back at that share of its input
+    columns, drawn afresh from a seed this handoff picks; plain tensors are still checked whole.
+    """
     dtype = DTYPES[engine.spec.dtype]
     start = time.perf_counter()
     compared = 0
@@ -245,13 +336,23 @@ def verify_fingerprints(learner: LearnerHandle, engine: Engine, version: int, ch
             t = time.perf_counter()
             base = engine.served_base_prints()
             engine_s += time.perf_counter() - t
-            compared += check_prints(base, learner_prints(weights_as_served(learner, dtype), base[0].tp_size), version, "base weights")
+            compared += check_prints(base, learner_prints(weights_as_served(learner, dtype), base[0].tp_size, wanted_from(base)), version, "base weights")
+        fraction = 1.0  # adapters are always fingerprinted whole (they are small)
     else:
-        served = engine.served_prints()
+        seed = secrets.randbits(62) if fraction < 1 else 0  # unpredictable columns: no fixed set a fault could dodge
+        served = engine.served_prints(seed=seed, fraction=fraction)
         engine_s = time.perf_counter() - start
-        compared += check_prints(served, learner_prints(weights_as_served(learner, dtype), served[0].tp_size), version, "weights")
+        check_seeds(served, seed, version)
+        expected = learner_prints(weights_as_served(learner, dtype), served[0].tp_size, wanted_from(served))
+        compared += check_prints(served, expected, version, "weights")
     total = time.perf_counter() - start
-    return {"fingerprint_s": total, "fingerprint_engine_s": engine_s, "fingerprint_tensors": float(compared), "fingerprint_ok": 1.0}
+    return {
+        "fingerprint_s": total,
+        "fingerprint_engine_s": engine_s,
+        "fingerprint_tensors": float(compared),
+        "fingerprint_fraction": fraction,
+        "fingerprint_ok": 1.0,
+    }
 
 
 # ------------------------------------------------------------------------------------ the handoff
@@ -313,7 +414,9 @@ def publish(learner: LearnerHandle, sampler: Engine, version: int, probe: Probe)
     scores = score_probe(learner, sampler, probe)
     probe_s = time.perf_counter() - t
     # the exact check rules first: its error names the worker, the tensor and the version
-    printed = verify_fingerprints(learner, sampler, version, check_base=learner.spec.lora is not None and not probe.base_verified)
+    printed = verify_fingerprints(
+        learner, sampler, version, check_base=learner.spec.lora is not None and not probe.base_verified, fraction=probe.fingerprint_fraction_for(version)
+    )
     probe.base_verified = True
     probed = {**judge_probe(scores, version, probe), "probe_s": probe_s}
     return {"handoff_s": handoff_s, **probed, **printed, "verify_s": time.perf_counter() - start - handoff_s}

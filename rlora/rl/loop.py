@@ -11,33 +11,44 @@ One step, top to bottom:
                 fingerprint of what it serves must equal the learner's, and a fixed probe sequence
                 must score the same under sampler and learner, else the run stops (rlora.rl.handoff)
 
+Steps 1-3 run on the engine's thread and 4-6 on the learner's: with `max_staleness: k` > 0 the
+sampler works on the next batches (from the newest verified policy, at most k versions behind the
+learner) while the learner trains the current one (`run_steps`).
+
 Departures from the blog: the default loss truncates the importance weight at C = 2 (config
-`loss=is` gives the untruncated objective); rollouts are strictly on-policy (one optimizer step
-per batch), so w differs from 1 only through sampler/learner numerics, which the run logs as
-`kl_sample_train` and `ratio_*` every step.
+`loss=is` gives the untruncated objective). With max_staleness 0 (the default) rollouts are
+on-policy (one optimizer step per batch), so w differs from 1 only through sampler/learner
+numerics; with k > 0 it also corrects for the policy lag. The run logs `kl_sample_train`,
+`ratio_*` and `staleness` every step.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from tqdm import tqdm
 
 import rewards
 from rlora.config import RLConfig
-from rlora.data import batch_for_step, load_task, make_prompt
+from rlora.data import Problem, batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
 from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.engine.weight_sync import choose_transfer
 from rlora.eval.evaluate import eval_policy, load_benchmarks, parse_benchmarks
 from rlora.plan import check_before_loading
-from rlora.rl.handoff import make_probe, publish
+from rlora.rl.handoff import Probe, make_probe, publish
 from rlora.rl.steps import learn, reward_group, step_metrics
+from rlora.rl.types import Group
 from rlora.runs import RunDir, create_run, reopen_run
 from rlora.train import distributed
-from rlora.train.learner import Learner
+from rlora.train.learner import Learner, LearnerHandle
 from rlora.train.models import resolve_model
 from rlora.train.placement import placement_for
 from rlora.train.setup import learner_spec, load_latest, restore, save_if_due, seed_everything
@@ -96,51 +107,134 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     if sampler.spec.weight_transfer:  # every learner rank joins vLLM's trainer-side transfer engine
         handle.init_weight_transfer(transfer, cfg.tensor_parallel_size, sampler.weight_sync_client())
     tokenizer = sampler.tokenizer
-    probe = make_probe(tokenizer, cfg.dtype, cfg.probe_tol, cfg.prompt_format)  # tolerance calibrated at the first handoff
+    # tolerance calibrated at the first handoff; FullFT fingerprints sampled between whole read-backs
+    probe = make_probe(tokenizer, cfg.dtype, cfg.probe_tol, cfg.prompt_format, cfg.fingerprint_fraction, cfg.fingerprint_full_every)
     publish(handle, sampler, start_step, probe)
-
-    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)
-    for step in bar:
-        # policy v{step}, which this step samples from and checkpoint step_{step} holds
-        evals = (
-            eval_policy(sampler, eval_sets, cfg.max_tokens, cfg.prompt_format, run.path / "eval" / f"step_{step:06d}", cfg.reward_policy)
-            if eval_sets and step % cfg.eval_every == 0
-            else {}
-        )
-        t0 = time.perf_counter()
-        prompts_P = [make_prompt(p, tokenizer, cfg.prompt_format) for p in batch_for_step(problems, step, cfg.prompts_per_step, cfg.seed)]
-        samples_P_G = sampler.sample(prompts_P, cfg.group_size, cfg.max_tokens, cfg.temperature)
-        t1 = time.perf_counter()
-        groups_P = [reward_group(p, s, sampler.version, cfg.reward_policy) for p, s in zip(prompts_P, samples_P_G)]
-        t2 = time.perf_counter()
-        assert all(g.policy_version == step for g in groups_P), "rollouts must come from the current policy"
-        with sampler.asleep(handle.empty_cache):  # placement=sleep: the engine frees its GPU memory for the learner
-            stats, train_tokens = learn(handle, groups_P, cfg, tokenizer.pad_token_id or 0)
-        t3 = time.perf_counter()
-        handoff = publish(handle, sampler, step + 1, probe)
-        timings = {
-            "sample_s": t1 - t0,
-            "grade_s": t2 - t1,
-            "learn_s": t3 - t2,
-            **handoff,
-            "handoff_bytes": sampler.handoff_bytes,
-            "step_s": time.perf_counter() - t0,
-        }
-        row = {**step_metrics(step, groups_P, stats, train_tokens), **timings, **evals}
-        run.log(row)
-        save_if_due(run, cfg, handle, step + 1)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", signal=f"{row['signal_groups']:.2f}")
-    if eval_sets:  # the final policy (checkpoint step_<max_steps>) gets a row of its own
-        run.log(
-            {
-                "step": cfg.max_steps,
-                **eval_policy(sampler, eval_sets, cfg.max_tokens, cfg.prompt_format, run.path / "eval" / f"step_{cfg.max_steps:06d}", cfg.reward_policy),
-            }
-        )
-    sampler.close()
+    try:
+        run_steps(cfg, run, handle, sampler, probe, problems, eval_sets, start_step, progress)
+    finally:
+        sampler.close()
     run.close()
     distributed.shutdown(handle)  # releases ranks > 0 from follow_rank0
     return run
+
+
+# ------------------------------------------------------------------------------------ the steps
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A step's batch, sampled and graded, waiting for the learner."""
+
+    step: int  # the step that trains it
+    groups_P: list[Group]  # every group sampled from policy `version`
+    version: int
+    sample_s: float
+    grade_s: float
+
+
+def sample_step(sampler: Sampler, problems: list[Problem], step: int, cfg: RLConfig) -> Sampled:
+    """Steps 1-3: this step's problems, G completions each from the engine's current policy, graded."""
+    t0 = time.perf_counter()
+    prompts_P = [make_prompt(p, sampler.tokenizer, cfg.prompt_format) for p in batch_for_step(problems, step, cfg.prompts_per_step, cfg.seed)]
+    samples_P_G = sampler.sample(prompts_P, cfg.group_size, cfg.max_tokens, cfg.temperature)
+    t1 = time.perf_counter()
+    groups_P = [reward_group(p, s, sampler.version, cfg.reward_policy) for p, s in zip(prompts_P, samples_P_G)]
+    return Sampled(step=step, groups_P=groups_P, version=sampler.version, sample_s=t1 - t0, grade_s=time.perf_counter() - t1)
+
+
+class InlineExecutor(Executor):
+    """max_staleness 0: the learner's step runs on the calling thread when submitted (the synchronous loop)."""
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        future: Future[R] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # handed to whoever reads the result, as a thread pool would
+            future.set_exception(e)
+        return future
+
+
+def run_steps(
+    cfg: RLConfig, run: RunDir, handle: LearnerHandle, sampler: Sampler, probe: Probe, problems: list[Problem], eval_sets: dict, start_step: int, progress: bool
+) -> None:
+    """Steps start_step..max_steps-1, sampling up to `max_staleness` policy versions ahead of the learner.
+
+    Everything that touches the engine (sampling, evaluation, the handoff and its verification)
+    runs on this thread; the learner's steps run on a thread of their own, so sampling the next
+    batch overlaps learning the current one. Batch n may be sampled once the engine serves
+    version n - max_staleness or newer, and is trained at version n: no batch is trained more
+    than `max_staleness` versions after the policy that sampled it. With 0 the learner runs
+    here, in turn with the sampler: the synchronous loop. The handoff happens only while the
+    learner is idle, so the fingerprints and the probe see weights that do not move, and a
+    checkpoint after it holds exactly the steps trained; batches sampled ahead are not saved (a
+    resumed run samples them again, from the restored policy, for the same problems).
+    """
+    k = cfg.max_staleness
+    pad_id = sampler.tokenizer.pad_token_id or 0
+    evals_dir = run.path / "eval"
+
+    def evaluate(version: int, final: bool = False) -> dict[str, float | None]:
+        """Periodic eval: one greedy sample per problem (rlora.eval.evaluate.eval_policy), of the policy the engine serves."""
+        if not eval_sets or (version % cfg.eval_every and not final):
+            return {}
+        return eval_policy(sampler, eval_sets, cfg.max_tokens, cfg.prompt_format, evals_dir / f"step_{version:06d}", cfg.reward_policy)
+
+    def learn_batch(batch: Sampled) -> tuple[dict[str, float], int, float]:
+        t = time.perf_counter()
+        with sampler.asleep(handle.empty_cache):  # placement=sleep (max_staleness 0): the engine frees its GPU memory for the learner
+            stats, tokens = learn(handle, batch.groups_P, cfg, pad_id)
+        return stats, tokens, time.perf_counter() - t
+
+    pool: Executor = InlineExecutor() if k == 0 else ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlora-learner")
+    pending: deque[Sampled] = deque()  # sampled, not yet trained
+    training: tuple[Sampled, Future[tuple[dict[str, float], int, float]]] | None = None
+    next_sample, step = start_step, start_step  # `step`: the next step to train, = the learner's policy version
+    evals = evaluate(step)
+    last_done = time.perf_counter()  # when the previous step finished (or the loop started)
+    idle_since, learner_wait, sampler_wait, aside = last_done, 0.0, 0.0, 0.0  # aside: eval and checkpoint time, not part of a step
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)
+    try:
+        while step < cfg.max_steps:
+            if training is not None and training[1].done():  # 7. the learner finished: hand off the new policy, log, checkpoint
+                batch, (stats, train_tokens, learn_s) = training[0], training[1].result()
+                training = None
+                handoff = publish(handle, sampler, step + 1, probe)
+                now = time.perf_counter()
+                timings = {"sample_s": batch.sample_s, "grade_s": batch.grade_s, "learn_s": learn_s, **handoff, "handoff_bytes": sampler.handoff_bytes}
+                timings["step_s"] = now - last_done - aside
+                overlap = {"staleness": step - batch.version, "sampler_wait_s": sampler_wait, "learner_wait_s": learner_wait}
+                row = {**step_metrics(step, batch.groups_P, stats, train_tokens), **timings, **overlap, **evals}
+                run.log(row)
+                save_if_due(run, cfg, handle, step + 1)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", signal=f"{row['signal_groups']:.2f}")
+                t = time.perf_counter()
+                evals = evaluate(step) if step < cfg.max_steps else {}
+                last_done = idle_since = time.perf_counter()
+                aside, learner_wait, sampler_wait = last_done - t, 0.0, 0.0
+            elif training is None and pending:  # 4-6. the learner is idle and a batch is ready: learn it
+                batch = pending.popleft()
+                assert batch.step == step and step - batch.version <= k, f"batch {batch.step} from v{batch.version} at step {step} (max_staleness {k})"
+                learner_wait += time.perf_counter() - idle_since
+                training = (batch, pool.submit(learn_batch, batch))
+            elif next_sample < cfg.max_steps and next_sample - sampler.version <= k:  # 1-3. sample ahead, within the bound
+                pending.append(sample_step(sampler, problems, next_sample, cfg))
+                next_sample += 1
+            else:  # nothing to sample yet: wait for the learner
+                assert training is not None, "the pipeline stalled"
+                t = time.perf_counter()
+                wait([training[1]])
+                sampler_wait += time.perf_counter() - t
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # never leave an optimizer step running behind an error
+        bar.close()
+    if eval_sets:  # the final policy (checkpoint step_<max_steps>) gets a row of its own
+        run.log({"step": cfg.max_steps, **evaluate(cfg.max_steps, final=True)})
 
 
 def run_rl(cfg: RLConfig, name: str = "rl", progress: bool = True) -> RunDir:
