@@ -54,6 +54,7 @@ def test_runs_and_grid_name_the_runs_and_fixed_joins_overrides(tmp_path):
         ("runs:\n  - {rank: 1}\n  - {rank: 8, dtype: float32}\n", r"'dtype' must be the same"),
         ("runs:\n  - {rank: 1}\n  - {rank: 8, eval_every: 5}\n", r"run 'rank=8,eval_every=5'.*eval_every"),
         ("runs:\n  - {rank: 1}\n  - {rank: 8, placement: split}\n", r"run 'rank=8,placement=split'.*one process"),
+        ("runs:\n  - {rank: 1}\n  - {rank: 8, max_staleness: 1}\n", r"run 'rank=8,max_staleness=1'.* has max_staleness=1: rl-multi .*synchronous"),
         ("runs:\n  - {rank: 1}\n  - {rank: 1}\n", r"same overrides"),
         ("runs:\n  - {rank: 1}\n  - {rnak: 8}\n", r"unknown config key 'rnak'"),
         ("runs:\n  - {rank: 1}\n  - {rank: 8, loss: nope}\n", r"'loss' must be one of"),
