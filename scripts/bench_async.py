@@ -137,9 +137,9 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     contention: dict[str, float] = {}
     if not args.only_model:
-        for seed in args.seeds:  # seed-major: one sitting finishes whole seeds of every (arm, k)
-            for arm in args.arms:
-                for k in args.ks:
+        for seed in args.seeds:  # seed-major, then k: a sitting cut short still has both arms at the first k's
+            for k in args.ks:
+                for arm in args.arms:
                     key = f"{arm}-k{k}-s{seed}"
                     rows, foreign = run_one(arm, k, seed, args.steps, args.runs / key, args.quick)
                     results[key], contention[key] = summarize(rows), foreign
