@@ -12,7 +12,7 @@ from rlora.config import ConfigError, RLConfig, from_dict, load_config, parse_ov
 from rlora.data import DataError, arith_problems, batch_for_step, boxed_answer, gsm8k_answer, load_benchmark, read_jsonl
 from rlora.rl.advantages import ADVANTAGES, center, center_std
 from rlora.rl.batching import build_batch
-from rlora.rl.losses import LOSSES, importance_sampling, ratio_stats, reinforce, truncated_importance_sampling
+from rlora.rl.losses import LOSSES, LossInputs, LossSpec, importance_sampling, ratio_stats, reinforce, truncated_importance_sampling
 from rlora.rl.types import Group, Prompt, Rollout
 from rlora.runs import RunDir
 
@@ -23,9 +23,15 @@ TEST_DATA = REPO / "tests" / "data"  # a few dozen rows of each benchmark, commi
 # ----------------------------------------------------------------------------- losses
 
 
-def _grads(loss_fn, lp_N, slp_N, adv_N, cap=2.0):
+def _inputs(lp_N, slp_N, adv_N, seq_id_N=None, ref_lp_N=None):
+    """Tokens of one sequence each, unless `seq_id_N` groups them."""
+    seq_id_N = torch.arange(len(lp_N)) if seq_id_N is None else seq_id_N
+    return LossInputs(learner_lp_N=lp_N, sampler_lp_N=slp_N, adv_N=adv_N, seq_id_N=seq_id_N, num_seqs=int(seq_id_N.max()) + 1, ref_lp_N=ref_lp_N)
+
+
+def _grads(loss_fn, lp_N, slp_N, adv_N, cap=2.0, seq_id_N=None, **spec):
     lp = lp_N.clone().requires_grad_(True)
-    loss_fn(lp, slp_N, adv_N, cap).sum().backward()
+    loss_fn(_inputs(lp, slp_N, adv_N, seq_id_N), LossSpec(cap=cap, **spec)).terms_N.sum().backward()
     return lp.grad
 
 
@@ -50,7 +56,7 @@ def test_importance_weight_scales_gradient_and_truncation_caps_it():
     g_tis = _grads(truncated_importance_sampling, lp_N, slp_N, adv_N, cap=2.0)
     assert torch.allclose(g_tis, -torch.tensor([1.0, 2.0, 1.25]) * adv_N, atol=1e-5)
     # the reported value is the truncated objective
-    value = truncated_importance_sampling(lp_N, slp_N, adv_N, 2.0)
+    value = truncated_importance_sampling(_inputs(lp_N, slp_N, adv_N), LossSpec(cap=2.0)).terms_N
     assert torch.allclose(value, -torch.tensor([1.0, 2.0, 1.25]) * adv_N, atol=1e-5)
 
 
