@@ -47,11 +47,11 @@ def _batch(seed: int = 0) -> TrainBatch:
 
 def _spec(path: str, arm: str, **kw: object) -> LearnerSpec:
     lora_spec = lora.LoRASpec(rank=2) if arm == "lora" else None  # default init: B = 0, the model starts at its base
-    return LearnerSpec(model_path=path, lora=lora_spec, lr=1e-2 if arm == "lora" else 1e-3, dtype="float32", micro_batch=5, seed=0, **kw)  # type: ignore[arg-type]
+    return LearnerSpec(model_path=path, lora=lora_spec, lr=1e-2 if arm == "lora" else 1e-3, dtype="float32", micro_batch=5, seed=0, **kw)
 
 
 def _cfg(arm: str, **kw: object) -> RLConfig:
-    return RLConfig(rank=2 if arm == "lora" else "full", temperature=0.8, **kw)  # type: ignore[arg-type]
+    return RLConfig(rank=2 if arm == "lora" else "full", temperature=0.8, **kw)
 
 
 def _trainable(learner: Learner) -> dict[str, torch.Tensor]:
@@ -91,7 +91,7 @@ def test_default_learn_is_exactly_one_train_step_on_the_whole_batch(tiny_model_p
 def test_minibatches_and_substeps_take_one_step_each_with_their_own_norm(tiny_model_path):
     cfg = _cfg("lora", num_substeps=2, num_minibatches=3, loss="ppo_clip", seed=7)
     recorder = Recorder(Learner(_spec(tiny_model_path, "lora")))
-    stats, tokens = learn(recorder, _groups(version=4), cfg, pad_id=0)  # type: ignore[arg-type]
+    stats, tokens = learn(recorder, _groups(version=4), cfg, pad_id=0)
     batch = _batch()
     assert len(recorder.calls) == 6 and tokens == batch.num_tokens
     assert all(norm == mb.num_tokens for mb, _, norm in recorder.calls)  # N per minibatch
@@ -107,7 +107,7 @@ def test_minibatches_and_substeps_take_one_step_each_with_their_own_norm(tiny_mo
 def test_constant_norm_is_shared_out_over_the_minibatches(tiny_model_path):
     cfg = _cfg("lora", num_minibatches=4, loss_norm="constant", loss_norm_constant=100.0)
     recorder = Recorder(Learner(_spec(tiny_model_path, "lora")))
-    learn(recorder, _groups(), cfg, pad_id=0)  # type: ignore[arg-type]
+    learn(recorder, _groups(), cfg, pad_id=0)
     assert [norm for _, _, norm in recorder.calls] == [25.0] * 4
 
 

@@ -229,7 +229,7 @@ def test_rows_carry_their_groups_staleness():
     new = Group(prompt=old.prompt, rollouts=_group([1, 2], [[5, 6], [7, 8]], [0.0, 1.0]).rollouts, policy_version=7)
     batch = build_batch([old, new], center, pad_id=0, current_version=7)
     assert batch is not None and batch.staleness_B.tolist() == [0, 0, 2, 2]  # longest rows (the new group's) first
-    assert build_batch([old, new], center, pad_id=0).staleness_B.tolist() == [0, 0, 0, 0]  # type: ignore[union-attr]
+    assert build_batch([old, new], center, pad_id=0).staleness_B.tolist() == [0, 0, 0, 0]
     with pytest.raises(AssertionError, match="newer"):
         build_batch([new], center, pad_id=0, current_version=6)
 
