@@ -208,4 +208,6 @@ def test_ratio_stats_split_by_staleness(tiny_model_path):
     assert min(stats["ratio_mean_s0"], stats["ratio_mean_s2"]) <= stats["ratio_mean"] <= max(stats["ratio_mean_s0"], stats["ratio_mean_s2"])
     no_signal = [dataclasses.replace(g, rollouts=g.rollouts[:1]) for g in groups]
     stats, tokens = learn(learner, no_signal, _cfg("lora"), pad_id=0, current_version=6)
-    assert tokens == 0 and stats["staleness_max"] == 3.0 and stats["masked_frac"] == 0.0
+    assert tokens == 0 and stats["staleness_max"] == 3.0 and stats["masked_frac"] == 0.0 and "kl_ref" not in stats
+    stats, _ = learn(learner, no_signal, _cfg("lora", kl_coef=0.1), pad_id=0, current_version=6)
+    assert np.isnan(stats["kl_ref"])  # not measured, but the column is there

@@ -77,7 +77,8 @@ def learn(learner: LearnerHandle, groups_P: list[Group], cfg: RLConfig, pad_id: 
     staleness = staleness_stats(groups_P, version)
     batch = build_batch(groups_P, ADVANTAGES[cfg.advantage], pad_id=pad_id, current_version=version)
     if batch is None:  # no group had mixed rewards: nothing to learn from, the policy is unchanged
-        return {**NO_SIGNAL_STATS, **staleness}, 0
+        # kl_ref, like entropy, was not measured (no token was scored): NaN, the column still present
+        return {**NO_SIGNAL_STATS, **({"kl_ref": float("nan")} if cfg.kl_coef > 0 else {}), **staleness}, 0
     spec = loss_spec(cfg)
     # N of a minibatch: its own tokens, or the run's constant N shared out over the minibatches
     norm_constant = (cfg.loss_norm_constant or cfg.prompts_per_step * cfg.group_size * cfg.max_tokens) / cfg.num_minibatches
