@@ -32,7 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lora_init": ("default", "gaussian", "gaussian_ab"),
     "dtype": ("auto", "bfloat16", "float32", "float16"),
     "advantage": ("center", "center_std"),
-    "loss": ("is", "tis", "reinforce"),
+    "loss": ("is", "tis", "reinforce", "seq_mask", "ppo_clip"),
     "loss_norm": ("tokens", "constant"),
     "placement": ("colocate", "split", "sleep"),
     "learner_parallel": ("ddp", "fsdp"),
@@ -131,10 +131,24 @@ class RLConfig(TrainConfig):
     max_staleness: int = 0
     # loss
     advantage: str = "center"  # center | center_std (see rlora.rl.advantages.ADVANTAGES)
-    loss: str = "tis"  # is | tis | reinforce (see rlora.rl.losses.LOSSES)
-    is_cap: float = 2.0  # C of truncated importance sampling
+    loss: str = "tis"  # is | tis | reinforce | seq_mask | ppo_clip (see rlora.rl.losses.LOSSES)
+    is_cap: float = 2.0  # C of truncated importance sampling (tis, seq_mask)
+    # seq_mask: drop a sequence whose mean per-token log(p_learner / p_sampler) leaves [-delta, delta]. 0.5 (a
+    # geometric-mean ratio outside [0.61, 1.65]) is hundreds of times the bf16 sampler/learner mismatch
+    # (kl_sample_train ~1e-3) and far above a few steps' policy drift, yet a single outlier token cannot trip it
+    # on a 5-token completion (as a tight band would): it drops only sequences from a clearly different policy.
+    seq_mask_delta: float = 0.5
+    clip_eps: float = 0.2  # ppo_clip: r = p_learner / p_sampler is clipped to [1 - clip_eps, 1 + clip_eps_high] (PPO's 0.2)
+    clip_eps_high: float | None = None  # None = clip_eps (symmetric); DAPO's clip-higher uses 0.28
+    # KL penalty toward the initial policy (LoRA: adapter off; FullFT: a frozen copy, kept only when > 0), k3
+    # estimator per token (rlora.rl.losses). 0 = none, as in the blog, and no reference forward at all.
+    kl_coef: float = 0.0
     loss_norm: str = "tokens"  # tokens | constant (see rlora.rl.losses.NORMALIZERS)
-    loss_norm_constant: float = 0.0  # N for loss_norm=constant; 0 = prompts * group * max_tokens
+    loss_norm_constant: float = 0.0  # N for loss_norm=constant; 0 = prompts * group * max_tokens (divided by num_minibatches)
+    # optimizer steps per batch: num_substeps passes, each over num_minibatches shuffled sets of whole sequences
+    # (num_substeps * num_minibatches steps; the normaliser N is per minibatch). 1, 1 = one step, on-policy (the blog).
+    num_substeps: int = 1
+    num_minibatches: int = 1
     # engine
     kv_cache_gib: float = 1.0  # vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.35  # vLLM's share of GPU memory when colocated with the learner
@@ -160,7 +174,7 @@ class RLConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive = ("prompts_per_step", "group_size", "max_tokens", "max_model_len", "arith_max", "tensor_parallel_size")
+        positive = ("prompts_per_step", "group_size", "max_tokens", "max_model_len", "arith_max", "tensor_parallel_size", "num_substeps", "num_minibatches")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)!r}")
@@ -176,6 +190,17 @@ class RLConfig(TrainConfig):
             raise ConfigError("config key 'temperature' must be > 0 (the importance ratio needs a sampling distribution)")
         if self.learner_parallel == "fsdp" and not self.is_full:
             raise ConfigError("config key 'learner_parallel': fsdp shards full fine-tuning (rank=full); LoRA runs replicate with ddp")
+        for key in ("is_cap", "seq_mask_delta"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config key {key!r} must be > 0, got {getattr(self, key)!r}")
+        if not 0 < self.clip_eps < 1:
+            raise ConfigError(f"config key 'clip_eps' must be in (0, 1) (the ratio is clipped at 1 - clip_eps > 0), got {self.clip_eps!r}")
+        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
+            raise ConfigError(f"config key 'clip_eps_high' must be > 0 or null (= clip_eps), got {self.clip_eps_high!r}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"config key 'kl_coef' must be >= 0, got {self.kl_coef!r}")
+        if self.kl_coef > 0 and self.learner_parallel == "fsdp":
+            raise ConfigError("config key 'kl_coef' > 0 needs a frozen reference copy, which learner_parallel=fsdp does not shard yet; use ddp")
 
 
 def check_rank(rank: int | str) -> None:

@@ -10,7 +10,8 @@ Hub), so parameters are counted exactly and nothing is allocated.
 Bytes per learner device (one process; rank 0 is the fullest, it shares GPU 0 with the engine):
 - weights: LoRA: the frozen base in the compute dtype + float32 factors; FullFT: float32
   master weights (sharded over the ranks with `learner_parallel: fsdp`), plus, for bf16 without
-  FSDP, the bf16 copies autocast keeps through backward.
+  FSDP, the bf16 copies autocast keeps through backward, and with `kl_coef` > 0 a float32 copy
+  of the initial weights (the reference policy; LoRA's is its own base with the adapter off).
 - gradients float32 and AdamW state (2 x float32) of the trainable parameters, sharded with fsdp
   (whole float32 gradients when `fsdp_grad_reduce: step` accumulates over several micro-batches;
   a tied embedding stays whole under fsdp).
@@ -216,6 +217,7 @@ class LearnerShape:
     completion_tokens: int  # completion tokens of one micro-batch (logits are built only there)
     cuda: bool  # foreach AdamW temporaries and the CUDA allocator
     unsharded_grads: bool = False  # FSDP with one reduce-scatter per step and several micro-batches: whole float32 gradients accumulate
+    reference: bool = False  # FullFT with a KL penalty (kl_coef > 0): a frozen float32 copy of the initial weights
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,6 +248,8 @@ def learner_memory(arch: Architecture, shape: LearnerShape) -> LearnerMemory:
             weights += shape.compute_bytes * arch.params  # autocast's low-precision copies, kept for backward
         elif shape.compute_bytes < 4:
             weights += 2 * shape.compute_bytes * arch.params // arch.layers  # MixedPrecisionPolicy: two gathered layers (one prefetched)
+        if shape.reference:
+            weights += 4 * arch.params  # the KL penalty's reference policy (LoRA's is its own base with the adapter off)
     else:
         weights = shape.compute_bytes * arch.params + 4 * shape.trainable
     trainable = (shape.trainable - whole) // shards + whole
@@ -367,6 +371,7 @@ def learner_shape(cfg: RLConfig, arch: Architecture, learners: int, cuda: bool) 
         compute_bytes=compute_bytes(cfg.dtype, cuda),
         shards=learners if sharded else 1,
         unsharded_grads=sharded and cfg.fsdp_grad_reduce == "step" and rows_per_rank > cfg.micro_batch,
+        reference=cfg.is_full and cfg.kl_coef > 0,
         rows=rows,
         seq_len=seq_len(cfg),
         completion_tokens=rows * cfg.max_tokens,

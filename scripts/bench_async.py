@@ -71,8 +71,8 @@ def summarize(rows: list[dict[str, object]]) -> dict[str, float]:
         "sampler_wait_s": median("sampler_wait_s"),
         "learner_wait_s": median("learner_wait_s"),
         "verify_share": statistics.mean(float(r["verify_s"]) / float(r["step_s"]) for r in timed),  # type: ignore[arg-type]
-        "staleness_mean": statistics.mean(float(r.get("staleness", 0)) for r in steps),  # type: ignore[arg-type]
-        "staleness_max": max(float(r.get("staleness", 0)) for r in steps),  # type: ignore[arg-type]
+        "staleness_mean": statistics.mean(float(r.get("staleness_mean", 0)) for r in steps),  # type: ignore[arg-type]
+        "staleness_max": max(float(r.get("staleness_max", 0)) for r in steps),  # type: ignore[arg-type]
         "reward_first3": statistics.mean(reward[:3]),
         "reward_last3": statistics.mean(reward[-3:]),
         "fingerprint_ok": min(float(r.get("fingerprint_ok", 1.0)) for r in steps),  # type: ignore[arg-type]

@@ -136,7 +136,7 @@ def run_arm(job: Job) -> Result:
     import transformers  # noqa: F401
     from transformers import AutoTokenizer
 
-    from rlora.rl.losses import LOSSES, NORMALIZERS
+    from rlora.rl.losses import NORMALIZERS, LossSpec
     from rlora.train import lora
     from rlora.train.learner import Learner, LearnerSpec
     from rlora.train.models import resolve_model
@@ -155,11 +155,11 @@ def run_arm(job: Job) -> Result:
     rss_loaded = rss_mb()
     peak_reset = reset_peak_rss()
 
-    loss_fn, norm = LOSSES["tis"], NORMALIZERS["tokens"](batch.num_tokens, 0.0)  # type: ignore[attr-defined]
+    loss, norm = LossSpec(loss="tis", cap=2.0, temperature=1.0), NORMALIZERS["tokens"](batch.num_tokens, 0.0)  # type: ignore[attr-defined]
 
     def step() -> float:
         start = time.perf_counter()
-        learner.train_step(batch, loss_fn, norm, cap=2.0, temperature=1.0)  # type: ignore[arg-type]
+        learner.train_step(batch, loss, norm)  # type: ignore[arg-type]
         return time.perf_counter() - start
 
     warmup_s = step()

@@ -118,6 +118,7 @@ def random_batch(case: Case, vocab: int) -> object:
         sampler_logprobs_B_T=-mask,
         advantages_B=torch.tensor([1.0 if i % 2 else -1.0 for i in range(B)]),
         lengths_B=torch.full((B,), T),
+        staleness_B=torch.zeros(B, dtype=torch.int64),
     )
 
 
@@ -126,7 +127,7 @@ def run_case(case: Case) -> Result:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlora.rl.losses import LOSSES
+    from rlora.rl.losses import LossSpec
     from rlora.train.learner import Learner, LearnerSpec, prepare_policy
     from rlora.train.lora import LoRASpec
 
@@ -150,15 +151,15 @@ def run_case(case: Case) -> Result:
     )
     learner = Learner(spec, model=prepare_policy(model, spec))
     batch = random_batch(case, int(config.vocab_size))  # type: ignore[attr-defined]
-    loss_fn, norm = LOSSES["tis"], float(case.rows * case.completion)
-    learner.train_step(batch, loss_fn, norm, 2.0, 1.0)  # type: ignore[arg-type]  # step 1 creates the AdamW state
+    loss, norm = LossSpec(loss="tis", cap=2.0, temperature=1.0), float(case.rows * case.completion)
+    learner.train_step(batch, loss, norm)  # type: ignore[arg-type]  # step 1 creates the AdamW state
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     start = time.perf_counter()
-    learner.train_step(batch, loss_fn, norm, 2.0, 1.0)  # type: ignore[arg-type]
+    learner.train_step(batch, loss, norm)  # type: ignore[arg-type]
     if cuda:
         torch.cuda.synchronize()
     step_s = time.perf_counter() - start

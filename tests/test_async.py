@@ -19,7 +19,7 @@ import torch
 import rlora.rl.loop as loop
 from rlora.config import ConfigError, RLConfig, load_config
 from rlora.rl.loop import Sampled, run_steps
-from rlora.rl.steps import NO_SIGNAL_STATS
+from rlora.rl.steps import NO_SIGNAL_STATS, staleness_stats
 from rlora.rl.types import Group, Prompt, Rollout
 from rlora.runs import create_run
 
@@ -83,14 +83,14 @@ class Pipeline:
             self.changed.notify_all()
         return Sampled(step=step, groups_P=[_group(self.engine.version)], version=self.engine.version, sample_s=0.0, grade_s=0.0)
 
-    def learn(self, handle: object, groups_P: list[Group], cfg: RLConfig, pad_id: int) -> tuple[dict[str, float], int]:
+    def learn(self, handle: object, groups_P: list[Group], cfg: RLConfig, pad_id: int, current_version: int | None = None) -> tuple[dict[str, float], int]:
         self.learner_threads.add(threading.get_ident())
         self._wait(lambda: self.learner_gate(self.trained))
         with self.changed:
             self.events.append(("learn", self.trained, groups_P[0].policy_version))
             self.trained += 1
             self.changed.notify_all()
-        return dict(NO_SIGNAL_STATS), 0
+        return {**NO_SIGNAL_STATS, **staleness_stats(groups_P, current_version if current_version is not None else -1)}, 0
 
     def publish(self, handle: object, sampler: FakeEngine, version: int, probe: object) -> dict[str, float]:
         with self.changed:
@@ -112,7 +112,7 @@ def test_slow_learner_the_sampler_runs_exactly_k_versions_ahead(tmp_path, monkey
     pipe.learner_gate = lambda trained: pipe.sampled >= min(trained + k + 1, 7)
     rows = pipe.go()
     assert [r["step"] for r in rows] == list(range(7))
-    assert [r["staleness"] for r in rows] == [min(s, k) for s in range(7)]
+    assert [r["staleness_max"] for r in rows] == [min(s, k) for s in range(7)]
     for what, step, served in pipe.events:
         if what == "sample":
             assert step - served <= k, pipe.events  # never sampled further ahead than the bound
@@ -128,7 +128,7 @@ def test_slow_sampler_the_learner_waits_and_batches_stay_one_version_old(tmp_pat
     pipe.learner_gate = lambda trained: pipe.started >= min(trained + 2, 5)  # the sampler is busy when the learner finishes
     pipe.sampler_gate = lambda step: pipe.trained >= step
     rows = pipe.go()
-    assert [r["staleness"] for r in rows] == [0, 1, 1, 1, 1]
+    assert [r["staleness_max"] for r in rows] == [0, 1, 1, 1, 1]
     assert [e for e in pipe.events if e[0] == "sample"] == [("sample", s, max(s - 1, 0)) for s in range(5)]
 
 
@@ -140,17 +140,17 @@ def test_k0_is_the_synchronous_loop(tmp_path, monkeypatch):
         expected += [("sample", s, s), ("learn", s, s), ("publish", s + 1, s)]
     assert pipe.events == expected
     assert pipe.learner_threads == {threading.get_ident()}  # k = 0: the learner runs in turn, on this thread
-    assert [r["staleness"] for r in rows] == [0, 0, 0]
+    assert [r["staleness_max"] for r in rows] == [0, 0, 0]
 
 
 def test_a_learner_error_stops_the_run_and_logs_nothing_after_it(tmp_path, monkeypatch):
     pipe = Pipeline(tmp_path, 1, steps=5, monkeypatch=monkeypatch)
     real_learn = pipe.learn
 
-    def failing(handle: object, groups_P: list[Group], cfg: RLConfig, pad_id: int) -> tuple[dict[str, float], int]:
+    def failing(handle: object, groups_P: list[Group], cfg: RLConfig, pad_id: int, current_version: int | None = None) -> tuple[dict[str, float], int]:
         if pipe.trained == 2:
             raise RuntimeError("out of memory in the learner")
-        return real_learn(handle, groups_P, cfg, pad_id)
+        return real_learn(handle, groups_P, cfg, pad_id, current_version)
 
     monkeypatch.setattr(loop, "learn", failing)
     with pytest.raises(RuntimeError, match="out of memory in the learner"):
@@ -225,7 +225,7 @@ def test_k0_reproduces_the_synchronous_run(tmp_path, rank):
     reference = reference_synchronous_rows(cfg)
     keys = ("reward_mean", "signal_groups", "tokens", "train_tokens", "loss", "ratio_mean", "kl_sample_train")
     assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in reference]
-    assert [r["staleness"] for r in rows] == [0, 0, 0]
+    assert [r["staleness_max"] for r in rows] == [0, 0, 0]
 
 
 @pytest.mark.slow
@@ -243,19 +243,19 @@ def test_stale_batch_weights_are_the_ratio_to_the_sampling_policy(tmp_path, monk
     seen: list[dict[str, object]] = []
     real_learn = loop.learn
 
-    def recording_learn(handle: Learner, groups_P: list[Group], cfg: RLConfig, pad_id: int) -> tuple[dict[str, float], int]:
+    def recording_learn(handle: Learner, groups_P: list[Group], cfg: RLConfig, pad_id: int, current_version: int | None = None) -> tuple[dict[str, float], int]:
         batch = build_batch(groups_P, ADVANTAGES[cfg.advantage], pad_id)
         if batch is not None:
             with torch.no_grad():
                 current_N, _ = handle.token_logprobs(batch.tokens_B_T, batch.targets_B_T, batch.mask_B_T, batch.lengths_B, cfg.temperature)
             seen.append({"version": groups_P[0].policy_version, "batch": batch, "current_N": current_N})
-        return real_learn(handle, groups_P, cfg, pad_id)
+        return real_learn(handle, groups_P, cfg, pad_id, current_version)
 
     monkeypatch.setattr(loop, "learn", recording_learn)
     overrides = ["rank=1", "lr=2e-2", "max_steps=3", "max_staleness=1", "checkpoint_every=0", "prompts_per_step=4", f"run_dir={tmp_path / 'run'}"]
     cfg = load_config(RLConfig, None, TINY + overrides)
     rows = run_rl(cfg, progress=False).read_metrics()
-    assert [r["staleness"] for r in rows] == [0, 1, 1]
+    assert [r["staleness_max"] for r in rows] == [0, 1, 1]
     stale = [s for s in seen if s["version"] == 0 and s is not seen[0]]
     assert stale, "no batch with signal was sampled by v0 and trained at v1"
     v0 = Learner(learner_spec(cfg, resolve_model(cfg.model), "cpu"))  # v0: the base model (LoRA B starts at zero)
@@ -271,6 +271,7 @@ def test_stale_batch_weights_are_the_ratio_to_the_sampling_policy(tmp_path, monk
         weights_N = torch.exp(current_N - sampler_N)
         assert torch.allclose(weights_N, torch.exp(current_N - old_N), rtol=5e-3)
     step1 = rows[1]
+    assert "ratio_mean_s1" in step1 and "ratio_mean_s0" not in step1  # the ratio statistics, split by staleness
     if seen[1]["version"] == 0:  # the row's ratio statistics are those of the stale batch
         batch, current_N = seen[1]["batch"], seen[1]["current_N"]
         weights_N = torch.exp(current_N - batch.sampler_logprobs_B_T[batch.mask_B_T.bool()])

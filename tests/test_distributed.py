@@ -18,14 +18,14 @@ import torch.multiprocessing as mp
 
 from rlora.rl.advantages import center
 from rlora.rl.batching import build_batch
-from rlora.rl.losses import LOSSES
+from rlora.rl.losses import LossSpec
 from rlora.rl.types import Group, Prompt, Rollout, TrainBatch
 from rlora.train.distributed import close_world, follow, lead, make_learner, shard_batch, shard_rows
 from rlora.train.learner import Learner, LearnerSpec
 from rlora.train.lora import LoRASpec
 
 REPO = Path(__file__).resolve().parents[1]
-CAP_T = (2.0, 1.0)  # is_cap, temperature of every step below
+LOSS = LossSpec(loss="tis", cap=2.0, temperature=1.0)  # the objective of every step below
 
 
 def batch_of(num_prompts: int, seed: int = 0) -> TrainBatch:
@@ -88,14 +88,14 @@ def test_shard_batch_pads_with_empty_rows_and_keeps_tokens():
 @pytest.mark.parametrize("arm", ["lora_r1", "full"])
 def test_summed_shard_gradients_equal_the_whole_batch_gradient(tiny_model_path, arm):
     """The identity the distributed step rests on, without processes: sum over shards == whole batch."""
-    batch, loss_fn = batch_of(3), LOSSES["tis"]
+    batch = batch_of(3)
     norm = float(batch.num_tokens)  # the global N, as every rank uses
     learner = Learner(spec_for(tiny_model_path, arm))
-    learner.backward(batch, loss_fn, norm, *CAP_T)
+    learner.backward(batch, LOSS, norm)
     whole = [p.grad.clone() for p in learner.trainable]
     summed = [torch.zeros_like(p) for p in learner.trainable]
     for rank in range(3):
-        learner.backward(shard_batch(batch, rank, 3), loss_fn, norm, *CAP_T)
+        learner.backward(shard_batch(batch, rank, 3), LOSS, norm)
         for acc, p in zip(summed, learner.trainable):
             acc += p.grad
     for w, s in zip(whole, summed):
@@ -130,7 +130,7 @@ def _rank_main(rank: int, world: int, port: int, model: str, arm: str, parallel:
 
 def _lead_one_step(learner: Learner, out: str) -> None:
     leader = lead(learner)
-    stats = leader.train_step(batch_of(3), LOSSES["tis"], float(batch_of(3).num_tokens), *CAP_T)
+    stats = leader.train_step(batch_of(3), LOSS, float(batch_of(3).num_tokens))
     weights = dict(leader.weights())  # gathered whole under FSDP
     state = leader.state()
     probe = leader.sequence_logprobs([5, 9, 17, 33, 2])
@@ -152,7 +152,7 @@ def test_two_process_step_equals_one_process_step(tiny_model_path, tiny_untied_m
     one = Learner(spec_for(path, arm))
     before = trainable_of(one)
     batch = batch_of(3)
-    expected = one.train_step(batch, LOSSES["tis"], float(batch.num_tokens), *CAP_T)
+    expected = one.train_step(batch, LOSS, float(batch.num_tokens))
     after = trainable_of(one)
     assert got["stats"].keys() == expected.keys()
     for key, value in expected.items():
@@ -192,7 +192,7 @@ def test_fsdp_bf16_mixed_precision_step_tracks_one_process(tiny_untied_model_pat
     assert all(v.dtype == torch.float32 for v in got["weights"].values())  # master weights stay float32
     one = Learner(dataclasses.replace(spec_for(tiny_untied_model_path, "full"), dtype="bfloat16"))
     batch = batch_of(3)
-    expected = one.train_step(batch, LOSSES["tis"], float(batch.num_tokens), *CAP_T)
+    expected = one.train_step(batch, LOSS, float(batch.num_tokens))
     assert got["stats"]["loss"] == pytest.approx(expected["loss"], rel=0.05, abs=1e-3)
     assert got["stats"]["grad_norm"] == pytest.approx(expected["grad_norm"], rel=0.05)
 

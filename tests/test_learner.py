@@ -8,7 +8,7 @@ import torch
 
 from rlora.rl.advantages import center
 from rlora.rl.batching import build_batch
-from rlora.rl.losses import LOSSES
+from rlora.rl.losses import LossSpec
 from rlora.rl.types import Group, Prompt, Rollout
 from rlora.train.learner import Learner, LearnerSpec
 from rlora.train.lora import LoRASpec
@@ -72,7 +72,7 @@ def test_gradient_does_not_depend_on_micro_batch(tiny_model_path, lora):
     for micro in (1, 5, 64):
         learner = _learner(tiny_model_path, lora, micro_batch=micro)
         learner.optimizer.step = lambda: None  # keep the gradients, skip the update
-        learner.train_step(batch, LOSSES["tis"], norm=float(batch.num_tokens), cap=2.0, temperature=1.0)
+        learner.train_step(batch, LossSpec(loss="tis", cap=2.0, temperature=1.0), norm=float(batch.num_tokens))
         grads.append(torch.cat([p.grad.flatten() for p in learner.trainable]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
 
@@ -80,7 +80,7 @@ def test_gradient_does_not_depend_on_micro_batch(tiny_model_path, lora):
 def test_lora_step_moves_only_the_adapter(tiny_model_path):
     learner = _learner(tiny_model_path, LoRASpec(rank=1))
     before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
-    stats = learner.train_step(_batch(), LOSSES["tis"], norm=10.0, cap=2.0, temperature=1.0)
+    stats = learner.train_step(_batch(), LossSpec(loss="tis", cap=2.0, temperature=1.0), norm=10.0)
     for key in ("loss", "grad_norm", "entropy", "ratio_mean", "ratio_max", "truncated_frac", "kl_sample_train"):
         assert key in stats
     changed = {n for n, p in learner.model.named_parameters() if not torch.equal(p, before[n])}
@@ -91,7 +91,7 @@ def test_lora_step_moves_only_the_adapter(tiny_model_path):
 def test_full_step_moves_the_weights(tiny_model_path):
     learner = _learner(tiny_model_path, None, lr=1e-3)
     before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
-    learner.train_step(_batch(), LOSSES["tis"], norm=10.0, cap=2.0, temperature=1.0)
+    learner.train_step(_batch(), LossSpec(loss="tis", cap=2.0, temperature=1.0), norm=10.0)
     changed = [n for n, p in learner.model.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)
     names = [n for n, _ in learner.weights()]
@@ -100,7 +100,7 @@ def test_full_step_moves_the_weights(tiny_model_path):
 
 def test_state_roundtrip(tiny_model_path):
     a = _learner(tiny_model_path, LoRASpec(rank=1))
-    a.train_step(_batch(), LOSSES["tis"], norm=10.0, cap=2.0, temperature=1.0)
+    a.train_step(_batch(), LossSpec(loss="tis", cap=2.0, temperature=1.0), norm=10.0)
     b = _learner(tiny_model_path, LoRASpec(rank=1))
     b.load_state(a.state())
     for (n, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):

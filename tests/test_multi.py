@@ -14,7 +14,7 @@ from test_learner import _batch  # tiny_model_path: a fixture of conftest.py
 
 from rlora.cli import main as cli_main
 from rlora.config import ConfigError
-from rlora.rl.losses import LOSSES
+from rlora.rl.losses import LossSpec
 from rlora.rl.multi import SHARED_KEYS, load_multi, resume_multi, run_multi, shared_base_learners
 from rlora.runs import RunDir
 from rlora.train import lora
@@ -99,7 +99,7 @@ def _specs(path: str, dtype: str) -> list[LearnerSpec]:
 
 def _step(learner: Learner, seed: int) -> dict[str, float]:
     batch = _batch(seed)
-    return learner.train_step(batch, LOSSES["tis"], norm=float(batch.num_tokens), cap=2.0, temperature=0.8)
+    return learner.train_step(batch, LossSpec(loss="tis", cap=2.0, temperature=0.8), norm=float(batch.num_tokens))
 
 
 def _trainable(learner: Learner) -> dict[str, torch.Tensor]:

@@ -153,3 +153,11 @@ def test_one_reduction_per_step_costs_a_whole_gradient_and_the_plan_says_so():
     assert lm is not None and lm.gradients == 4 * architecture(cfg.model).params  # whole float32 gradients on every rank
     with pytest.raises(PlanError, match=r"config key 'fsdp_grad_reduce'.*fsdp_grad_reduce=micro_batch fits"):
         check_fits(per_step, gpu_node(4, 79.6))
+
+
+def test_a_fullft_kl_penalty_plans_a_frozen_copy_and_lora_plans_none():
+    for preset, extra in (("rl_cpu_demo_full.yaml", True), ("rl_cpu_demo_lora_r1.yaml", False)):
+        cfg = load_config(RLConfig, REPO / "configs" / preset)
+        without, with_kl = (plan_run(dataclasses.replace(cfg, kl_coef=c), gpu_node(1, 79.6)).devices[0].learner for c in (0.0, 0.1))
+        assert without is not None and with_kl is not None
+        assert with_kl.weights - without.weights == (4 * architecture(cfg.model).params if extra else 0), preset

@@ -93,10 +93,16 @@ def test_full_weights_handoff(model_path):
         _close(sampler)
 
 
-@pytest.mark.parametrize("rank", ["1", "full"])
-def test_one_step_end_to_end(rank, tmp_path):
+# off-policy: several clipped steps per batch with a KL penalty (FullFT: setup keeps the frozen reference copy)
+OFF_POLICY = ["loss=ppo_clip", "num_substeps=2", "num_minibatches=2", "kl_coef=0.05"]
+
+
+@pytest.mark.parametrize(
+    ("rank", "extra"), [("1", []), ("full", []), ("1", OFF_POLICY), ("full", OFF_POLICY)], ids=["lora", "full", "lora_off_policy", "full_off_policy"]
+)
+def test_one_step_end_to_end(rank, extra, tmp_path):
     lr = "1e-3" if rank == "1" else "1e-5"
-    cfg = load_config(RLConfig, None, TINY + [f"rank={rank}", f"lr={lr}", "max_steps=1", "checkpoint_every=1", f"run_dir={tmp_path}"])
+    cfg = load_config(RLConfig, None, TINY + [f"rank={rank}", f"lr={lr}", "max_steps=1", "checkpoint_every=1", f"run_dir={tmp_path}", *extra])
     run = run_rl(cfg, progress=False)
     rows = run.read_metrics()
     assert [r["step"] for r in rows] == [0]
@@ -115,8 +121,13 @@ def test_one_step_end_to_end(rank, tmp_path):
         "learn_s",
         "handoff_s",
         "probe_gap",
+        "masked_frac",
+        "clipped_frac",
+        "staleness_max",
     ):
         assert key in rows[0], key
+    assert rows[0]["staleness_max"] == 0 and ("kl_ref" in rows[0]) == bool(extra)
+    assert ("ratio_mean_s0" in rows[0]) == (rows[0]["signal_groups"] > 0)  # tokens trained on, all from the current policy
     assert 0.0 <= rows[0]["reward_mean"] <= 1.0 and rows[0]["tokens"] > 0
     assert rows[0]["probe_gap"] < 0.1
     ckpt = run.latest_checkpoint()
@@ -146,4 +157,4 @@ def test_kill_and_resume_has_each_step_once(tmp_path, max_staleness):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    assert all(r["staleness"] <= max_staleness for r in rows)
+    assert all(r["staleness_max"] <= max_staleness for r in rows)

@@ -16,9 +16,10 @@ sampler works on the next batches (from the newest verified policy, at most k ve
 learner) while the learner trains the current one (`run_steps`).
 
 Departures from the blog: the default loss truncates the importance weight at C = 2 (config
-`loss=is` gives the untruncated objective). With max_staleness 0 (the default) rollouts are
-on-policy (one optimizer step per batch), so w differs from 1 only through sampler/learner
-numerics; with k > 0 it also corrects for the policy lag. The run logs `kl_sample_train`,
+`loss=is` gives the untruncated objective; `seq_mask` and `ppo_clip` are the off-policy ones,
+rlora.rl.losses). With max_staleness 0 and one optimizer step per batch (the defaults) rollouts
+are on-policy, so w differs from 1 only through sampler/learner numerics; with k > 0 (or
+num_substeps/num_minibatches > 1) it also corrects for the policy lag. The run logs `kl_sample_train`,
 `ratio_*` and `staleness` every step.
 """
 
@@ -186,7 +187,7 @@ def run_steps(
     def learn_batch(batch: Sampled) -> tuple[dict[str, float], int, float]:
         t = time.perf_counter()
         with sampler.asleep(handle.empty_cache):  # placement=sleep (max_staleness 0): the engine frees its GPU memory for the learner
-            stats, tokens = learn(handle, batch.groups_P, cfg, pad_id)
+            stats, tokens = learn(handle, batch.groups_P, cfg, pad_id, current_version=batch.step)
         return stats, tokens, time.perf_counter() - t
 
     pool: Executor = InlineExecutor() if k == 0 else ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlora-learner")
@@ -206,7 +207,7 @@ def run_steps(
                 now = time.perf_counter()
                 timings = {"sample_s": batch.sample_s, "grade_s": batch.grade_s, "learn_s": learn_s, **handoff, "handoff_bytes": sampler.handoff_bytes}
                 timings["step_s"] = now - last_done - aside
-                overlap = {"staleness": step - batch.version, "sampler_wait_s": sampler_wait, "learner_wait_s": learner_wait}
+                overlap = {"sampler_wait_s": sampler_wait, "learner_wait_s": learner_wait}  # staleness_mean/max come from `learn`
                 row = {**step_metrics(step, batch.groups_P, stats, train_tokens), **timings, **overlap, **evals}
                 run.log(row)
                 save_if_due(run, cfg, handle, step + 1)

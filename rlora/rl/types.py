@@ -93,6 +93,7 @@ class TrainBatch:
     sampler_logprobs_B_T: torch.Tensor  # (B, T) float32, aligned with targets, 0 off the mask
     advantages_B: torch.Tensor  # (B,) float32, one per sequence
     lengths_B: torch.Tensor  # (B,) int64, unpadded length of each row
+    staleness_B: torch.Tensor  # (B,) int64, policy versions between the row's sampler and the learner it trains (0: on-policy)
 
     @property
     def num_tokens(self) -> int:

@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlora.rl.losses import LossFn
+from rlora.rl.losses import LossSpec
 from rlora.rl.types import PushedWeights, TrainBatch
 from rlora.train.learner import DTYPES, BackwardPass, ClipFn, Learner, LearnerHandle, LearnerSpec, make_optimizer, step_stats
 
@@ -172,6 +172,7 @@ def shard_batch(batch: TrainBatch, rank: int, world_size: int) -> TrainBatch:
         sampler_logprobs_B_T=take(batch.sampler_logprobs_B_T),
         advantages_B=take(batch.advantages_B),
         lengths_B=take(batch.lengths_B, fill=1),
+        staleness_B=take(batch.staleness_B),
     )
 
 
@@ -219,7 +220,7 @@ def clip_sharded_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torc
 
 def gather_passes(seen: BackwardPass) -> list[BackwardPass]:
     """Every rank's BackwardPass on rank 0 (an empty list elsewhere), for the step's statistics."""
-    cpu = BackwardPass(seen.loss, seen.learner_lp_N.cpu(), seen.sampler_lp_N.cpu(), seen.entropy_N.cpu())
+    cpu = seen.cpu()
     out: list[BackwardPass | None] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(cpu, out, dst=0, group=control_group())
     return [p for p in out or [] if p is not None]
@@ -234,13 +235,13 @@ class DataParallelLearner(Learner):
     # weights: with an in-memory transfer every rank takes part in it (vLLM's IPC handle all-gather)
     COLLECTIVE = frozenset({"train_step", "empty_cache", "weights", "init_weight_transfer"})
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, spec: LossSpec, norm: float) -> dict[str, float]:
         """Every rank, same `batch`: this rank's rows, summed gradients, one identical step; stats on rank 0."""
-        seen = self.backward(shard_batch(batch, dist.get_rank(), dist.get_world_size()), loss_fn, norm, cap, temperature)
+        seen = self.backward(shard_batch(batch, dist.get_rank(), dist.get_world_size()), spec, norm)
         sum_gradients(self.trainable)
         grad_norm = self.optimizer_step()
         passes = gather_passes(seen)
-        return step_stats(passes, grad_norm, cap) if passes else {}
+        return step_stats(passes, grad_norm, spec) if passes else {}
 
     def weights(self) -> Iterable[tuple[str, torch.Tensor]] | PushedWeights:
         return super().weights() if self.transfer is None else pushed_weights(self)
@@ -263,6 +264,8 @@ class ShardedLearner(DataParallelLearner):
     def __init__(self, spec: LearnerSpec) -> None:
         if spec.lora is not None:
             raise ValueError("learner_parallel=fsdp shards full fine-tuning; LoRA runs use learner_parallel=ddp")
+        if spec.keep_reference:  # the frozen copy would be whole, unsharded, on every rank
+            raise ValueError("learner_parallel=fsdp does not support a KL penalty (kl_coef > 0) yet; use learner_parallel=ddp")
         super().__init__(spec)
         compute = DTYPES[spec.dtype]
         self.mixed = compute != torch.float32  # FSDP casts per unit; autocast would keep low-precision copies alive
@@ -376,8 +379,8 @@ class LeaderLearner:
             broadcast_object((method, args))
         return getattr(self.learner, method)(*args)
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> dict[str, float]:
-        return cast(dict[str, float], self._call("train_step", batch, loss_fn, norm, cap, temperature))
+    def train_step(self, batch: TrainBatch, spec: LossSpec, norm: float) -> dict[str, float]:
+        return cast(dict[str, float], self._call("train_step", batch, spec, norm))
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         return cast(list[float], self._call("sequence_logprobs", token_ids))

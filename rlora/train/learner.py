@@ -14,11 +14,18 @@ completion positions, so the (tokens x 49k) logits are never built for prompt to
 A step is `backward` (gradients from zero) then `optimizer_step` (clip, AdamW); `rlora.train.distributed`
 puts a cross-rank gradient sum between the two and merges the ranks' `BackwardPass`es with
 `step_stats`. A single process makes no distributed call.
+
+Reference policy (a KL penalty, `LossSpec.kl_coef` > 0): the initial policy. For LoRA it is the
+same model with every adapter switched off (`lora.adapter_disabled`: no second copy of the
+weights; with an init that starts at the base, B = 0, that is the initial policy exactly). For
+FullFT it is a frozen copy of the initial weights, kept only when `LearnerSpec.keep_reference`.
+With kl_coef = 0 no reference forward runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +34,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from rlora.rl.losses import LossFn, ratio_stats
+from rlora.rl.losses import LossInputs, LossSpec, objective, ratio_stats, staleness_ratio_stats
 from rlora.rl.types import PushedWeights, TrainBatch
 from rlora.train import lora
 
@@ -48,6 +55,7 @@ class LearnerSpec:
     micro_batch: int = 16
     seed: int = 0
     fsdp_grad_reduce: str = "step"  # FSDP only: reduce-scatter once per step (step) or after every micro-batch
+    keep_reference: bool = False  # FullFT with a KL penalty: keep a frozen copy of the initial weights (LoRA switches its adapter off)
 
 
 def load_policy(spec: LearnerSpec) -> nn.Module:
@@ -84,7 +92,7 @@ def make_optimizer(model: nn.Module, spec: LearnerSpec) -> torch.optim.Optimizer
 ClipFn = Callable[[list[nn.Parameter], float], torch.Tensor | float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BackwardPass:
     """What one backward pass saw, kept for the step's statistics (one per rank when distributed)."""
 
@@ -92,14 +100,46 @@ class BackwardPass:
     learner_lp_N: torch.Tensor  # (N,) learner logprobs of the completion tokens, detached
     sampler_lp_N: torch.Tensor  # (N,) the sampler's logprobs of the same tokens
     entropy_N: torch.Tensor  # (N,) learner entropy at those positions
+    masked_N: torch.Tensor  # (N,) bool, the loss dropped the token's sequence
+    clipped_N: torch.Tensor  # (N,) bool, the loss clipped the token's ratio
+    staleness_N: torch.Tensor  # (N,) int64, the token's row's staleness
+    kl_ref_N: torch.Tensor  # (N,) k3 toward the reference; (0,) without a KL penalty
+
+    def cpu(self) -> BackwardPass:
+        """The same pass with every tensor on the CPU (to gather it across ranks)."""
+        tensors = {k: v.cpu() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return BackwardPass(loss=self.loss, **tensors)
+
+    @staticmethod
+    def concat(parts: list[BackwardPass]) -> BackwardPass:
+        """Micro-batches' passes as one: losses summed, tokens concatenated in order."""
+        tensors = {k: torch.cat([getattr(p, k) for p in parts]) for k, v in vars(parts[0]).items() if isinstance(v, torch.Tensor)}
+        return BackwardPass(loss=sum(p.loss for p in parts), **tensors)
 
 
-def step_stats(passes: list[BackwardPass], grad_norm: float, cap: float) -> dict[str, float]:
+def step_stats(passes: list[BackwardPass], grad_norm: float, spec: LossSpec) -> dict[str, float]:
     """The step's statistics over every pass's tokens (one pass, or every rank's shard)."""
-    learner_lp_N = torch.cat([p.learner_lp_N.cpu() for p in passes])
-    sampler_lp_N = torch.cat([p.sampler_lp_N.cpu() for p in passes])
-    entropy = torch.cat([p.entropy_N.cpu() for p in passes]).mean().item()
-    return {"loss": sum(p.loss for p in passes), "grad_norm": grad_norm, "entropy": entropy, **ratio_stats(learner_lp_N, sampler_lp_N, cap)}
+
+    def cat(field: str) -> torch.Tensor:
+        return torch.cat([getattr(p, field).cpu() for p in passes])
+
+    learner_lp_N, sampler_lp_N = cat("learner_lp_N"), cat("sampler_lp_N")
+    stats = {
+        "loss": sum(p.loss for p in passes),
+        "grad_norm": grad_norm,
+        "entropy": cat("entropy_N").mean().item(),
+        **ratio_stats(learner_lp_N, sampler_lp_N, spec.cap),
+        "masked_frac": cat("masked_N").float().mean().item(),
+        "clipped_frac": cat("clipped_N").float().mean().item(),
+    }
+    if spec.kl_coef > 0:
+        stats["kl_ref"] = cat("kl_ref_N").mean().item()
+    return {**stats, **staleness_ratio_stats(learner_lp_N, sampler_lp_N, cat("staleness_N"))}
+
+
+def per_token(x_b: torch.Tensor, mask_b_T: torch.Tensor) -> torch.Tensor:
+    """A per-row value (b,) at each masked position, in the order `x_B_T[mask]` takes them: (N,)."""
+    return x_b[:, None].expand_as(mask_b_T)[mask_b_T.bool()]
 
 
 class LearnerHandle(Protocol):
@@ -108,7 +148,7 @@ class LearnerHandle(Protocol):
 
     spec: LearnerSpec
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> dict[str, float]: ...
+    def train_step(self, batch: TrainBatch, spec: LossSpec, norm: float) -> dict[str, float]: ...
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]: ...
 
@@ -133,6 +173,8 @@ class Learner:
         self.optimizer = make_optimizer(self.model, spec)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.transfer: object | None = None  # vLLM's trainer-side weight transfer engine, when attached
+        # FullFT's reference policy: the weights as loaded, before any step or checkpoint moves them
+        self.reference = copy.deepcopy(self.model).requires_grad_(False) if spec.keep_reference and spec.lora is None else None
 
     # ---------------------------------------------------------------- forward
 
@@ -147,14 +189,30 @@ class Learner:
         self, tokens_B_T: torch.Tensor, targets_B_T: torch.Tensor, mask_B_T: torch.Tensor, lengths_B: torch.Tensor, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(target) at masked positions, entropy there), both (N,), logits divided by T."""
+        return self._token_logprobs(self.model, tokens_B_T, targets_B_T, mask_B_T, lengths_B, temperature)
+
+    @torch.no_grad()
+    def reference_logprobs(
+        self, tokens_B_T: torch.Tensor, targets_B_T: torch.Tensor, mask_B_T: torch.Tensor, lengths_B: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """log p_ref(target) at masked positions (N,): LoRA with its adapters off, or FullFT's frozen initial weights."""
+        if self.spec.lora is not None:
+            with lora.adapter_disabled(self.model):
+                return self.token_logprobs(tokens_B_T, targets_B_T, mask_B_T, lengths_B, temperature)[0]
+        assert self.reference is not None, "a FullFT KL penalty needs LearnerSpec.keep_reference (set from kl_coef > 0)"
+        return self._token_logprobs(self.reference, tokens_B_T, targets_B_T, mask_B_T, lengths_B, temperature)[0]
+
+    def _token_logprobs(
+        self, model: nn.Module, tokens_B_T: torch.Tensor, targets_B_T: torch.Tensor, mask_B_T: torch.Tensor, lengths_B: torch.Tensor, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.spec.device
         tokens_B_T, targets_B_T, mask_B_T = tokens_B_T.to(device), targets_B_T.to(device), mask_B_T.to(device)
         T = tokens_B_T.shape[1]
         attention_B_T = (torch.arange(T, device=device)[None, :] < lengths_B.to(device)[:, None]).long()
         with self._autocast():
-            hidden_B_T_H = self.model.get_decoder()(input_ids=tokens_B_T, attention_mask=attention_B_T).last_hidden_state
+            hidden_B_T_H = model.get_decoder()(input_ids=tokens_B_T, attention_mask=attention_B_T).last_hidden_state
             on_N = mask_B_T.bool()
-            head = self.model.get_output_embeddings()
+            head = model.get_output_embeddings()
             logits_N_V = head(self._head_input(hidden_B_T_H[on_N]))
         logprobs_N_V = (logits_N_V.float() / temperature).log_softmax(-1)
         lp_N = logprobs_N_V.gather(-1, targets_B_T[on_N][:, None]).squeeze(-1)
@@ -181,39 +239,55 @@ class Learner:
 
     # ---------------------------------------------------------------- update
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, spec: LossSpec, norm: float) -> dict[str, float]:
         """One optimizer step over the whole batch, in micro-batches; returns the step's statistics."""
-        seen = self.backward(batch, loss_fn, norm, cap, temperature)
+        seen = self.backward(batch, spec, norm)
         grad_norm = self.optimizer_step()
-        return step_stats([seen], grad_norm, cap)
+        return step_stats([seen], grad_norm, spec)
 
-    def backward(self, batch: TrainBatch, loss_fn: LossFn, norm: float, cap: float, temperature: float) -> BackwardPass:
+    def backward(self, batch: TrainBatch, spec: LossSpec, norm: float) -> BackwardPass:
         """Gradients of the batch's loss from zero, in micro-batches (`rlora.train.distributed` passes one rank's rows).
 
         `norm` is the step's N over the whole batch, so the gradients of disjoint row sets add up
-        to the gradient of their union.
+        to the gradient of their union. A sequence never spans two micro-batches, so a loss that
+        looks at whole sequences (seq_mask) sees each one whole.
         """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         B = batch.tokens_B_T.shape[0]
-        loss_sum = 0.0
-        learner_lp, sampler_lp, entropies = [], [], []
+        parts: list[BackwardPass] = []
         for start in range(0, B, self.spec.micro_batch):
             rows = slice(start, start + self.spec.micro_batch)
             T = int(batch.lengths_B[rows].max())  # crop padding to this micro-batch's longest row
             mask_b_T = batch.mask_B_T[rows, :T]
-            lp_N, entropy_N = self.token_logprobs(batch.tokens_B_T[rows, :T], batch.targets_B_T[rows, :T], mask_b_T, batch.lengths_B[rows], temperature)
+            inputs_b_T = (batch.tokens_B_T[rows, :T], batch.targets_B_T[rows, :T], mask_b_T, batch.lengths_B[rows], spec.temperature)
+            lp_N, entropy_N = self.token_logprobs(*inputs_b_T)
             on = mask_b_T.bool()
-            slp_N = batch.sampler_logprobs_B_T[rows, :T][on].to(lp_N.device)
-            adv_N = batch.advantages_B[rows, None].expand_as(mask_b_T)[on].to(lp_N.device)
-            loss = loss_fn(lp_N, slp_N, adv_N, cap).sum() / norm
+            x = LossInputs(
+                learner_lp_N=lp_N,
+                sampler_lp_N=batch.sampler_logprobs_B_T[rows, :T][on].to(lp_N.device),
+                adv_N=per_token(batch.advantages_B[rows], mask_b_T).to(lp_N.device),
+                seq_id_N=per_token(torch.arange(mask_b_T.shape[0]), mask_b_T).to(lp_N.device),
+                num_seqs=mask_b_T.shape[0],
+                ref_lp_N=self.reference_logprobs(*inputs_b_T) if spec.kl_coef > 0 else None,
+            )
+            terms = objective(x, spec)
+            loss = terms.terms_N.sum() / norm
             self._before_backward(last=start + self.spec.micro_batch >= B)
             loss.backward()
-            loss_sum += loss.item()
-            learner_lp.append(lp_N.detach())
-            sampler_lp.append(slp_N)
-            entropies.append(entropy_N)
-        return BackwardPass(loss_sum, torch.cat(learner_lp), torch.cat(sampler_lp), torch.cat(entropies))
+            parts.append(
+                BackwardPass(
+                    loss=loss.item(),
+                    learner_lp_N=lp_N.detach(),
+                    sampler_lp_N=x.sampler_lp_N,
+                    entropy_N=entropy_N,
+                    masked_N=terms.masked_N,
+                    clipped_N=terms.clipped_N,
+                    staleness_N=per_token(batch.staleness_B[rows], mask_b_T),
+                    kl_ref_N=terms.kl_ref_N if terms.kl_ref_N is not None else lp_N.new_zeros(0),
+                )
+            )
+        return BackwardPass.concat(parts)
 
     def optimizer_step(self, clip_fn: ClipFn = torch.nn.utils.clip_grad_norm_) -> float:
         """Clip the gradient to `grad_clip` global norm, step; the norm before clipping.

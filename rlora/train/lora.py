@@ -57,6 +57,7 @@ weights in the old `adapter_model.bin` format.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -65,7 +66,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,7 @@ __all__ = [
     "TARGETS_ALL_LINEAR",
     "LoRALinear",
     "LoRASpec",
+    "adapter_disabled",
     "apply_lora",
     "load_peft_adapter",
     "lora_alpha",
@@ -235,9 +237,12 @@ class LoRALinear(nn.Module):
         # Zeros until an init fills them: a model built only to load an adapter draws no random numbers.
         self.lora_A = nn.Parameter(torch.zeros(rank, base.in_features, dtype=torch.float32, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32, device=device))
+        self.enabled = True  # False: the layer is its base alone (`adapter_disabled`, the reference policy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if not self.enabled:
+            return y
         # The factors (float32 masters) are cast to the activations' dtype, never x to theirs: a
         # cast copy of x would be saved for backward beside the base layer's own, doubling the
         # activation memory of every wrapped layer. addmm adds scale * (x A^T) B^T into y in one
@@ -253,6 +258,21 @@ class LoRALinear(nn.Module):
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear in the model, by module path, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside, every LoRA layer of `model` computes its frozen base alone: the base model, with no copy of its weights."""
+    modules = list(lora_modules(model).values())
+    assert modules, "adapter_disabled needs a model with LoRA layers"
+    previous = [m.enabled for m in modules]  # restored as found, so the context nests
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, enabled in zip(modules, previous):
+            m.enabled = enabled
 
 
 def _matches(name: str, targets: tuple[str, ...]) -> bool:

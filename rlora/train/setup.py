@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlora.config import TrainConfig
+from rlora.config import RLConfig, TrainConfig
 from rlora.runs import RunDir
 from rlora.train import lora
 from rlora.train.learner import Learner, LearnerHandle, LearnerSpec
@@ -43,6 +43,8 @@ def learner_spec(cfg: TrainConfig, model_path: str, device: str) -> LearnerSpec:
         micro_batch=cfg.micro_batch,
         seed=cfg.seed,
         fsdp_grad_reduce=cfg.fsdp_grad_reduce,
+        # an RL KL penalty on FullFT needs the initial weights kept (LoRA switches its adapter off instead)
+        keep_reference=isinstance(cfg, RLConfig) and cfg.kl_coef > 0 and cfg.is_full,
     )
 
 
