@@ -121,7 +121,9 @@ def check_runs(configs: Sequence[tuple[str, RLConfig]], where: str = "") -> None
         if cfg.eval_every:
             raise ConfigError(f"run {name!r}{where} has eval_every={cfg.eval_every}: rl-multi has no periodic eval; use `rlora eval --run` on its checkpoints")
         if cfg.max_staleness:
-            raise ConfigError(f"run {name!r}{where} has max_staleness={cfg.max_staleness}: rl-multi steps its tenants in turn (synchronous); use `rlora rl` for asynchronous RL")
+            raise ConfigError(
+                f"run {name!r}{where} has max_staleness={cfg.max_staleness}: rl-multi steps its tenants in turn (synchronous); use `rlora rl` for asynchronous RL"
+            )
         for key, value in ONE_PROCESS.items():
             if getattr(cfg, key, value) != value:
                 raise ConfigError(f"run {name!r}{where} has {key}={getattr(cfg, key)!r}: rl-multi runs engine and learners in one process ({key}={value!r})")
@@ -286,7 +288,7 @@ def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> l
             cfg=cfg,
             run=run,
             learner=learner,
-            problems=load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed),
+            problems=load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed, cfg.arith_terms),
             probe=make_probe(sampler.tokenizer, cfg.dtype, cfg.probe_tol, cfg.prompt_format),
             start_step=start,
         )
