@@ -12,7 +12,7 @@ split, `rlora.data.SYNTHETIC_BENCHMARKS`), G samples each at temperature 1 from 
 - length: the share of samples cut at max_tokens (finish_reason "length"), and completion tokens
   (mean, 95th percentile), to check that max_tokens does not cut answers.
 
-Every setting's prompts go to the engine together, so the settings share one engine start.
+The settings share one engine start; each row is printed (and saved with --out) as it lands.
 Run it under the machine's heavy-job lock:
     flock /tmp/rlora-heavy.lock .venv/bin/python scripts/task_difficulty.py --out task_difficulty.json
 """
@@ -112,35 +112,33 @@ def main() -> None:
     args = ap.parse_args()
 
     settings = parse_settings(args.settings)
-    problems_S = [SYNTHETIC_BENCHMARKS["arith_chain"](chain, args.problems) for chain in settings]
+    problems_S = [SYNTHETIC_BENCHMARKS["arith_chain"](chain, args.problems) for chain in settings]  # bad settings fail before the engine
     start = time.perf_counter()
     sampler = Sampler(EngineSpec(model_path=resolve_model(args.model), device="cpu", dtype="float32", lora_rank=None, max_model_len=512, seed=args.seed))
     engine_s = time.perf_counter() - start
+    run = {k: v for k, v in vars(args).items() if k != "out"}
+    results: list[SettingResult] = []
+    examples: list[dict[str, object]] = []  # the first two samples of each setting's first three problems
     try:
-        prompts = [make_prompt(p, sampler.tokenizer, args.prompt_format) for problems in problems_S for p in problems]
-        start = time.perf_counter()
-        samples_all = sampler.sample(prompts, args.group, args.max_tokens, args.temperature)
-        sample_s = time.perf_counter() - start
+        for chain, problems in zip(settings, problems_S):  # one engine call per setting: each row is printed and saved as it lands
+            start = time.perf_counter()
+            samples_P_G = sampler.sample(
+                [make_prompt(p, sampler.tokenizer, args.prompt_format) for p in problems], args.group, args.max_tokens, args.temperature
+            )
+            rewards_P_G = [[rewards.grade(s.text, p.reference, p.reward_task) for s in group] for p, group in zip(problems, samples_P_G)]
+            results.append(summarize(chain, samples_P_G, rewards_P_G))
+            examples += [{"question": p.question, "reference": p.reference, "completions": [s.text for s in g[:2]]} for p, g in zip(problems[:3], samples_P_G)]
+            print(
+                f"{chain.max_operand}x{chain.terms}: reward {results[-1].reward:.3f}, mixed {results[-1].mixed:.2f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+            if args.out:
+                payload = {"settings": run, "engine_s": engine_s, "results": [asdict(r) for r in results], "examples": examples}
+                Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     finally:
         sampler.close()
-
-    results, offset = [], 0
-    for chain, problems in zip(settings, problems_S):
-        samples_P_G = samples_all[offset : offset + len(problems)]
-        offset += len(problems)
-        rewards_P_G = [[rewards.grade(s.text, p.reference, p.reward_task) for s in group] for p, group in zip(problems, samples_P_G)]
-        results.append(summarize(chain, samples_P_G, rewards_P_G))
     print(table(results))
-    print(f"\nengine ready in {engine_s:.0f} s, sampled {len(prompts)} x {args.group} in {sample_s:.0f} s")
-    if args.out:
-        run = {k: v for k, v in vars(args).items() if k != "out"}
-        examples, offset = [], 0  # the first two samples of each setting's first three problems
-        for problems in problems_S:
-            for p, group in zip(problems[:3], samples_all[offset : offset + 3]):
-                examples.append({"question": p.question, "reference": p.reference, "completions": [s.text for s in group[:2]]})
-            offset += len(problems)
-        payload = {"settings": run, "engine_s": engine_s, "sample_s": sample_s, "results": [asdict(r) for r in results], "examples": examples}
-        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nengine ready in {engine_s:.0f} s")
 
 
 if __name__ == "__main__":
