@@ -107,6 +107,10 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--prompt-format", default="auto", help="as config key prompt_format (auto = chat for the default model)")
     ap.add_argument("--model", default="default")
+    # float32 KV of the 135M model is ~46 KB/token: 1 GiB holds ~23k tokens, fewer than 256 sequences of
+    # prompt + 128 new tokens, and an engine short of KV cache preempts and recomputes sequences endlessly
+    ap.add_argument("--kv-cache-gib", type=float, default=4.0, help="vLLM KV cache on CPU")
+    ap.add_argument("--max-num-seqs", type=int, default=128, help="sequences the engine runs at once")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
@@ -114,7 +118,18 @@ def main() -> None:
     settings = parse_settings(args.settings)
     problems_S = [SYNTHETIC_BENCHMARKS["arith_chain"](chain, args.problems) for chain in settings]  # bad settings fail before the engine
     start = time.perf_counter()
-    sampler = Sampler(EngineSpec(model_path=resolve_model(args.model), device="cpu", dtype="float32", lora_rank=None, max_model_len=512, seed=args.seed))
+    sampler = Sampler(
+        EngineSpec(
+            model_path=resolve_model(args.model),
+            device="cpu",
+            dtype="float32",
+            lora_rank=None,
+            kv_cache_gib=args.kv_cache_gib,
+            max_model_len=512,
+            max_num_seqs=args.max_num_seqs,
+            seed=args.seed,
+        )
+    )
     engine_s = time.perf_counter() - start
     run = {k: v for k, v in vars(args).items() if k != "out"}
     results: list[SettingResult] = []
