@@ -91,13 +91,16 @@ def cmd_suggest_lr(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from rlora.eval.evaluate import EvalRequest, markdown, parse_benchmarks, recompute, resolve_policy, run_eval
+    from rlora.data import ArithChain
+    from rlora.eval.evaluate import EvalRequest, default_arith, markdown, parse_benchmarks, recompute, resolve_policy, run_eval
 
     if args.recompute:
         recomputed = {"benchmarks": recompute(Path(args.recompute) / "completions.jsonl", regrade=args.regrade, reward_policy=args.reward_policy)}
         print(markdown(recomputed), end="")
         return
     policy = resolve_policy(args.model, args.adapter, args.checkpoint, args.run, args.step, args.dtype)
+    base = policy.arith or default_arith()  # a run's own difficulty, else RLConfig's defaults; flags override each key
+    arith = ArithChain(args.arith_max or base.max_operand, args.arith_terms or base.terms)
     req = EvalRequest(
         policy=policy,
         benchmarks=tuple(parse_benchmarks(args.benchmarks)),
@@ -113,6 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         seed=args.seed,
         reward_policy=args.reward_policy,
         prompt_format=args.prompt_format,
+        arith=arith,
     )
     results = run_eval(req)
     print((Path(args.out) / "results.md").read_text(), end="")
@@ -218,13 +222,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", help="a run checkpoint folder (checkpoints/step_N): its adapter, or its full weights")
     p.add_argument("--run", help="a run directory; with --step N its checkpoint after N updates, else the latest")
     p.add_argument("--step", type=int, help="checkpoint step of --run")
-    p.add_argument("--benchmarks", default="math500,aime24,aime25,gsm8k", help="comma list of math500, aime24, aime25, gsm8k")
+    p.add_argument("--benchmarks", default="math500,aime24,aime25,gsm8k", help="comma list of math500, aime24, aime25, gsm8k, arith_chain")
     p.add_argument("--samples", type=int, default=4, help="K completions per problem")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per completion")
     p.add_argument("--limit", type=int, default=0, help="first L problems of each benchmark (0 = all)")
     p.add_argument("--data-dir", default="", help="folder with math500.jsonl, aime24.jsonl, aime25.jsonl, gsm8k_test.jsonl (default: the Hub)")
     p.add_argument("--out", default="eval", help="folder for results.json, results.md, completions.jsonl")
+    p.add_argument("--arith-max", type=int, help="arith_chain benchmark: operands 1..N (default: the run's arith_max, else 9)")
+    p.add_argument("--arith-terms", type=int, help="arith_chain benchmark: operands per question (default: the run's arith_terms, else 3)")
     p.add_argument("--dtype", help="engine dtype (default: the run's, else auto: bfloat16 where native, else float32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM KV cache on CPU")

@@ -36,7 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss_norm": ("tokens", "constant"),
     "placement": ("colocate", "split", "sleep"),
     "learner_parallel": ("ddp", "fsdp"),
-    "task": ("arith", "gsm8k", "math"),
+    "task": ("arith", "arith_chain", "gsm8k", "math"),
     "reward_policy": ("default", "strict"),
     "prompt_format": ("auto", "chat", "plain", "fewshot"),
     "fsdp_grad_reduce": ("step", "micro_batch"),
@@ -113,9 +113,12 @@ class RLConfig(TrainConfig):
     """Everything one RL run needs. Defaults run the CPU demo (rank-1 LoRA, synthetic arithmetic)."""
 
     # data
-    task: str = "arith"  # arith | gsm8k | math (see rlora.data.TRAIN_TASKS)
+    task: str = "arith"  # arith | arith_chain | gsm8k | math (see rlora.data.TRAIN_TASKS)
     train_data: str = ""  # local JSONL in the Hub schema, or a Hub dataset name; "" = the task's default
-    arith_max: int = 9  # synthetic arithmetic: operands drawn from 1..arith_max
+    arith_max: int = 9  # synthetic arithmetic (arith, arith_chain): operands drawn from 1..arith_max
+    # arith_chain: operands per question, joined by + and - (the task and its held-out benchmark `arith_chain`;
+    # docs/study_rl_cpu.md calibrates arith_max and arith_terms for the default model)
+    arith_terms: int = 3
     reward_policy: str = "default"  # how rewards finds the final answer: default | strict (boxed only); see rewards
     # how a question becomes a prompt (rlora.data.PROMPT_FORMATS): auto = chat where the tokenizer has a chat
     # template, else plain | chat | plain (Question:/Answer:, for base models) | fewshot (4 worked examples, then plain)
@@ -178,6 +181,8 @@ class RLConfig(TrainConfig):
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)!r}")
+        if self.arith_terms < 2:
+            raise ConfigError(f"config key 'arith_terms' must be >= 2 (operands per arith_chain question), got {self.arith_terms!r}")
         if self.max_staleness < 0:
             raise ConfigError(f"config key 'max_staleness' must be >= 0 (0 = synchronous), got {self.max_staleness!r}")
         if self.max_staleness and self.placement == "sleep":

@@ -9,6 +9,10 @@ Training tasks (config `task`):
 - `arith`: synthetic `a + b` generated in code, the offline default. SmolLM2-135M-Instruct almost
   never boxes an answer, so it is graded by its last number (`rewards` task `number`): about a
   quarter to a half of its samples are right, and most groups of 8 have mixed rewards.
+- `arith_chain`: synthetic chains of `arith_terms` operands in 1..arith_max joined by + and -,
+  every partial result non-negative, graded by the last number. Its held-out split (benchmark
+  `arith_chain`) is the tenth of all questions whose text hashes to bucket 0, which training
+  never sees; docs/study_rl_cpu.md calibrates its difficulty for the default model.
 - `gsm8k`: `openai/gsm8k` (config main), answers after `####`.
 - `math`: MATH train (`EleutherAI/hendrycks_math`, all subjects) with every MATH500 problem removed
   by its normalised text, since MATH500 is our held-out benchmark.
@@ -16,6 +20,7 @@ Training tasks (config `task`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -133,6 +138,81 @@ def arith_problems(n: int, max_operand: int, seed: int) -> list[Problem]:
     return out
 
 
+# Arithmetic chains (task and benchmark `arith_chain`). A question's split is a function of its text
+# alone (sha256 mod 10: bucket 0 is held out), so train and test never share a question, whatever
+# the seeds. Problem `index` of a stream is a pure function of (stream seed, index, difficulty):
+# training draws from the run's seed, the held-out set from one fixed stream, so every run of a
+# study (any seed, any arm) is evaluated on the same problems.
+
+HELD_OUT_BUCKETS = 10
+HELD_OUT_STREAM = "held-out"
+HELD_OUT_SIZE = 200  # problems of the `arith_chain` benchmark when no limit is given (fewer where fewer exist) ...
+HELD_OUT_MIN = 50  # ... but at least this many: a smaller held-out set could not tell arms apart
+TRAIN_SIZE = 20_000  # training problems of the `arith_chain` task (batch_for_step cycles through them)
+
+
+@dataclass(frozen=True)
+class ArithChain:
+    """The difficulty of `arith_chain` problems: config keys `arith_max` and `arith_terms`."""
+
+    max_operand: int  # operands drawn from 1..max_operand
+    terms: int  # operands per question (terms - 1 operations)
+
+    def __post_init__(self) -> None:
+        if self.max_operand < 1:
+            raise ConfigError(f"config key 'arith_max' must be >= 1, got {self.max_operand!r}")
+        if self.terms < 2:
+            raise ConfigError(f"config key 'arith_terms' must be >= 2 (operands per arith_chain question), got {self.terms!r}")
+
+
+def is_held_out(question: str) -> bool:
+    """Whether a question belongs to the held-out split: its text's sha256 falls in bucket 0 of 10."""
+    return int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big") % HELD_OUT_BUCKETS == 0
+
+
+def arith_chain_problem(index: int, stream: int | str, chain: ArithChain) -> Problem:
+    """Problem `index` of stream `stream`: `terms` operands left to right, each added or subtracted with
+    equal odds (added while the running total is 0); a subtracted operand is drawn from 1..total, so
+    no partial result is negative."""
+    rng = random.Random(f"arith_chain/{stream}/{index}")  # str seeds hash with sha512: stable across processes
+    total = rng.randint(1, chain.max_operand)
+    text = str(total)
+    for _ in range(chain.terms - 1):
+        if rng.random() < 0.5 and total > 0:
+            b = rng.randint(1, min(total, chain.max_operand))
+            total, text = total - b, f"{text} - {b}"
+        else:
+            b = rng.randint(1, chain.max_operand)
+            total, text = total + b, f"{text} + {b}"
+    return Problem(f"arith_chain-{stream}-{index}", f"What is {text}? {ARITH_INSTRUCTION}", str(total), "number")
+
+
+def arith_chain_problems(n: int, chain: ArithChain, stream: int | str, held_out: bool, minimum: int = 0) -> list[Problem]:
+    """The first `n` problems of `stream` in one split; the held-out split without repeated questions.
+
+    A difficulty with too few distinct questions to give `minimum` problems (default: all `n`) is an
+    error naming the config keys.
+    """
+    out: list[Problem] = []
+    seen: set[str] = set()
+    budget = 50 * n + 1000  # candidates drawn before giving up: about 10 per held-out problem suffice
+    for index in range(budget):
+        problem = arith_chain_problem(index, stream, chain)
+        if is_held_out(problem.question) != held_out or (held_out and problem.question in seen):
+            continue
+        seen.add(problem.question)
+        out.append(problem)
+        if len(out) == n:
+            return out
+    if len(out) >= (minimum or n):
+        return out
+    split = "held-out" if held_out else "training"
+    raise DataError(
+        f"arith_chain with arith_max={chain.max_operand}, arith_terms={chain.terms} has too few distinct {split} questions "
+        f"({len(out)} of {minimum or n} wanted): raise config key 'arith_max' or 'arith_terms'"
+    )
+
+
 def gsm8k_problems(rows: list[dict[str, object]], prefix: str = "gsm8k") -> list[Problem]:
     return [Problem(f"{prefix}-{i}", f"{row['question']}\n{BOXED_INSTRUCTION}", gsm8k_answer(str(row["answer"])), "gsm8k") for i, row in enumerate(rows)]
 
@@ -171,21 +251,24 @@ def load_math_train(source: str, math500_source: str) -> list[Problem]:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    load: Callable[[str, int, int], list[Problem]]  # (train_data, arith_max, seed) -> problems
+    load: Callable[[str, ArithChain, int], list[Problem]]  # (train_data, synthetic difficulty, seed) -> problems
     doc: str
 
 
 TRAIN_TASKS: dict[str, TaskSpec] = {
-    "arith": TaskSpec(lambda src, k, seed: arith_problems(100_000, k, seed), "synthetic a + b, graded by last number"),
+    "arith": TaskSpec(lambda src, k, seed: arith_problems(100_000, k.max_operand, seed), "synthetic a + b, graded by last number"),
+    "arith_chain": TaskSpec(
+        lambda src, k, seed: arith_chain_problems(TRAIN_SIZE, k, seed, held_out=False), "synthetic a + b - c ..., training split, graded by last number"
+    ),
     "gsm8k": TaskSpec(lambda src, k, seed: gsm8k_problems(load_rows(src or "openai/gsm8k", "main", "train", ["question", "answer"])), "GSM8K train"),
     "math": TaskSpec(lambda src, k, seed: load_math_train(src, "HuggingFaceH4/MATH-500"), "MATH train minus MATH500"),
 }
 
 
-def load_task(task: str, train_data: str, arith_max: int, seed: int) -> list[Problem]:
+def load_task(task: str, train_data: str, arith_max: int, seed: int, arith_terms: int = 3) -> list[Problem]:
     if task not in TRAIN_TASKS:
         raise DataError(f"unknown task {task!r}; known: {', '.join(TRAIN_TASKS)}")
-    return TRAIN_TASKS[task].load(train_data, arith_max, seed)
+    return TRAIN_TASKS[task].load(train_data, ArithChain(arith_max, arith_terms), seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,10 +297,22 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
-def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[Problem]:
-    """A benchmark's problems from `data_dir/<file>` when given, else from the Hub."""
+# Benchmarks generated in code from the run's task settings (config keys arith_max, arith_terms):
+# (difficulty, limit) -> the held-out problems. They read no file, so `data_dir` does not apply.
+SYNTHETIC_BENCHMARKS: dict[str, Callable[[ArithChain, int], list[Problem]]] = {
+    "arith_chain": lambda chain, limit: arith_chain_problems(limit or HELD_OUT_SIZE, chain, HELD_OUT_STREAM, held_out=True, minimum=limit or HELD_OUT_MIN),
+}
+
+
+def load_benchmark(name: str, data_dir: str = "", limit: int = 0, arith: ArithChain | None = None) -> list[Problem]:
+    """A benchmark's problems from `data_dir/<file>` when given, else from the Hub; a synthetic one
+    (SYNTHETIC_BENCHMARKS) is generated from `arith`, the difficulty the policy was trained at."""
+    if name in SYNTHETIC_BENCHMARKS:
+        if arith is None:
+            raise DataError(f"benchmark {name!r} is generated from the run's arith_max and arith_terms; none were given")
+        return SYNTHETIC_BENCHMARKS[name](arith, limit)
     if name not in BENCHMARKS:
-        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join([*BENCHMARKS, *SYNTHETIC_BENCHMARKS])}")
     bench = BENCHMARKS[name]
     if data_dir:
         path = Path(data_dir) / bench.filename

@@ -51,8 +51,8 @@ GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Prompt tokens allowed for, by prompt format and task (a chat template adds ~30 tokens; the few-shot
 # formats add their worked examples: ~400 tokens of GSM8K, ~700 of Minerva MATH).
-PROMPT_TOKENS = {"arith": 64, "gsm8k": 256, "math": 384}
-FEWSHOT_TOKENS = {"arith": 400, "gsm8k": 400, "math": 700}
+PROMPT_TOKENS = {"arith": 64, "arith_chain": 64, "gsm8k": 256, "math": 384}
+FEWSHOT_TOKENS = {"arith": 400, "arith_chain": 400, "gsm8k": 400, "math": 700}
 ENGINE_OVERHEAD_GPU = int(2.5 * GIB)  # vLLM's profiled activations, sampler buffers and CUDA graphs
 ENGINE_OVERHEAD_CPU = int(0.5 * GIB)
 SLEEPING_ENGINE = int(1.0 * GIB)  # what a sleeping engine keeps on the GPU (CUDA graphs, buffers)

@@ -42,7 +42,8 @@ import numpy as np
 from tqdm import tqdm
 
 import rewards
-from rlora.data import BENCHMARKS, DataError, Problem, load_benchmark, make_prompt
+from rlora.config import RLConfig
+from rlora.data import BENCHMARKS, SYNTHETIC_BENCHMARKS, ArithChain, DataError, Problem, load_benchmark, make_prompt
 from rlora.devices import resolve_device, resolve_dtype
 from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.rl.types import Prompt, Sample, Tokenizer
@@ -184,21 +185,38 @@ def recompute(path: str | Path, regrade: bool = False, reward_policy: str = "def
 # ------------------------------------------------------------------------------------ evaluating a sampler
 
 
-def load_benchmarks(names: Sequence[str], limit: int = 0, data_dir: str = "") -> dict[str, list[Problem]]:
+def load_benchmarks(names: Sequence[str], limit: int = 0, data_dir: str = "", arith: ArithChain | None = None) -> dict[str, list[Problem]]:
     """Every named benchmark, loaded up front so that a bad name or file fails before sampling.
+
+    A synthetic benchmark (`arith_chain`) is the held-out split generated at difficulty `arith`:
+    a run's own arith_max and arith_terms (`default_arith()` when None).
 
     Each gold answer, boxed, is graded against itself: a problem the grader cannot score even
     then would silently count as wrong, so it is reported.
     """
-    unknown = [n for n in names if n not in BENCHMARKS]
+    unknown = [n for n in names if n not in BENCHMARKS and n not in SYNTHETIC_BENCHMARKS]
     if unknown or not names:
-        raise DataError(f"unknown benchmark {unknown[0] if unknown else '(none given)'!r}; known: {', '.join(BENCHMARKS)}")
-    problems = {name: load_benchmark(name, data_dir, limit) for name in dict.fromkeys(names)}
+        known = ", ".join([*BENCHMARKS, *SYNTHETIC_BENCHMARKS])
+        raise DataError(f"unknown benchmark {unknown[0] if unknown else '(none given)'!r}; known: {known}")
+    problems = {name: load_benchmark(name, data_dir, limit, arith or default_arith()) for name in dict.fromkeys(names)}
     for name, ps in problems.items():
         unscorable = [p.problem_id for p in ps if rewards.grade(f"The answer is \\boxed{{{p.reference}}}.", p.reference, p.reward_task) != 1.0]
         if unscorable:  # a grader/data mismatch: these problems score 0 whatever the policy writes
             print(f"warning: {name}: the grader rejects the gold answer itself on {len(unscorable)} problems, e.g. {unscorable[:3]}", file=sys.stderr)
     return problems
+
+
+def default_arith() -> ArithChain:
+    """The synthetic difficulty of RLConfig's defaults (keys arith_max, arith_terms)."""
+    return ArithChain(RLConfig.arith_max, RLConfig.arith_terms)
+
+
+def arith_of_config(config: Mapping[str, object]) -> ArithChain:
+    """A run's synthetic difficulty from its config.json (an older run without arith_terms gets the default)."""
+    default = default_arith()
+    max_operand, terms = config.get("arith_max", default.max_operand), config.get("arith_terms", default.terms)
+    assert isinstance(max_operand, int) and isinstance(terms, int), f"config arith_max/arith_terms must be integers, got {max_operand!r}, {terms!r}"
+    return ArithChain(max_operand, terms)
 
 
 def parse_benchmarks(spec: str) -> list[str]:
@@ -384,6 +402,7 @@ class Policy:
     weights: Path | None = None  # FullFT checkpoint's trainable.pt: every weight, in HF checkpoint names
     label: str = ""  # for results.json: where the policy came from
     prompt_format: str = "auto"  # how questions become prompts (rlora.data.PROMPT_FORMATS); a run's own, for its checkpoints
+    arith: ArithChain | None = None  # a run's synthetic difficulty (arith_max, arith_terms): the arith_chain benchmark it is tested on
 
 
 def check_adapter(path: Path) -> int:
@@ -406,10 +425,11 @@ def policy_from_checkpoint(ckpt: Path, model: str | None, dtype: str | None) -> 
     model = model or str(config.get("model") or "default")
     dtype = dtype or str(config.get("dtype") or "auto")
     prompt_format = str(config.get("prompt_format") or "auto")  # evaluate the policy on the prompts it was trained on
+    arith = arith_of_config(config) if config else None  # and on held-out problems of the difficulty it was trained at
     if (ckpt / "adapter").is_dir():
-        return Policy(model, dtype, ckpt / "adapter", check_adapter(ckpt / "adapter"), label=str(ckpt), prompt_format=prompt_format)
+        return Policy(model, dtype, ckpt / "adapter", check_adapter(ckpt / "adapter"), label=str(ckpt), prompt_format=prompt_format, arith=arith)
     if config.get("rank") == "full":
-        return Policy(model, dtype, weights=ckpt / "trainable.pt", label=str(ckpt), prompt_format=prompt_format)
+        return Policy(model, dtype, weights=ckpt / "trainable.pt", label=str(ckpt), prompt_format=prompt_format, arith=arith)
     raise FileNotFoundError(f"checkpoint {ckpt} has no adapter/ and {config_path} does not say rank 'full': cannot tell LoRA from FullFT")
 
 
@@ -455,6 +475,7 @@ class EvalRequest:
     seed: int = 0
     reward_policy: str = "default"  # rewards.POLICIES: how the final answer is found (recorded in results.json)
     prompt_format: str = ""  # "" = the policy's (a run's own, else auto)
+    arith: ArithChain | None = None  # difficulty of the arith_chain benchmark; None = the policy's (a run's own), else default_arith()
 
 
 def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
@@ -463,7 +484,8 @@ def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
         raise ValueError(f"need --samples >= 1, --max-tokens >= 1, --limit >= 0 (got {req.samples}, {req.max_tokens}, {req.limit})")
     if req.temperature < 0 or (req.temperature == 0 and req.samples > 1):
         raise ValueError(f"--temperature must be > 0 for several samples (0 is greedy: K identical samples), got {req.temperature}")
-    problems = load_benchmarks(req.benchmarks, req.limit, req.data_dir)
+    arith = req.arith or req.policy.arith or default_arith()
+    problems = load_benchmarks(req.benchmarks, req.limit, req.data_dir, arith)
     model_path = resolve_model(req.policy.model)
     from transformers import AutoTokenizer
 
@@ -515,6 +537,7 @@ def run_eval(req: EvalRequest, progress: bool = True) -> dict[str, object]:
             "seed": req.seed,
             "device": device,
             "prompt_format": prompt_format,
+            **({"arith_max": arith.max_operand, "arith_terms": arith.terms} if any(b in SYNTHETIC_BENCHMARKS for b in req.benchmarks) else {}),
         }
         return evaluate_problems(
             sampler,

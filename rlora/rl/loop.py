@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import rewards
 from rlora.config import RLConfig
-from rlora.data import Problem, batch_for_step, load_task, make_prompt
+from rlora.data import ArithChain, Problem, batch_for_step, load_task, make_prompt
 from rlora.devices import resolve_device, resolve_precision
 from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.engine.weight_sync import choose_transfer
@@ -77,9 +77,11 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     # FullFT to an engine in its own process: in GPU memory (ipc/nccl) on CUDA, a file on CPU; fails here if impossible
     transfer = choose_transfer(cfg.weight_transfer, device.split(":")[0], place.engine_in_process, cfg.placement) if cfg.is_full else "file"
     model_path = resolve_model(cfg.model)
-    problems = load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed)
-    # periodic eval: one greedy sample per problem (rlora.eval.evaluate.eval_policy); loaded now so a bad name fails first
-    eval_sets = load_benchmarks(parse_benchmarks(cfg.eval_benchmarks), cfg.eval_limit, cfg.eval_data_dir) if cfg.eval_every else {}
+    problems = load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed, cfg.arith_terms)
+    # periodic eval: one greedy sample per problem (rlora.eval.evaluate.eval_policy); loaded now so a bad name fails first.
+    # A synthetic benchmark (arith_chain) is the held-out split at the run's own difficulty.
+    arith = ArithChain(cfg.arith_max, cfg.arith_terms)
+    eval_sets = load_benchmarks(parse_benchmarks(cfg.eval_benchmarks), cfg.eval_limit, cfg.eval_data_dir, arith) if cfg.eval_every else {}
     learner = distributed.make_learner(learner_spec(cfg, model_path, place.learner_device), cfg.learner_parallel)
     if not world.is_main:
         return follow_rank0(run, learner)

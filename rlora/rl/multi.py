@@ -288,7 +288,7 @@ def _train_claimed(runs: Sequence[tuple[RLConfig, RunDir]], progress: bool) -> l
             cfg=cfg,
             run=run,
             learner=learner,
-            problems=load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed),
+            problems=load_task(cfg.task, cfg.train_data, cfg.arith_max, cfg.seed, cfg.arith_terms),
             probe=make_probe(sampler.tokenizer, cfg.dtype, cfg.probe_tol, cfg.prompt_format),
             start_step=start,
         )
