@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlora.rl.types import Group, Prompt, Rollout
+
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
 
 
@@ -62,3 +64,19 @@ def tiny_model_with_tokenizer(tmp_path_factory) -> str:
 def tiny_untied_model_path(tmp_path_factory) -> str:
     """The tiny Llama with a separate output layer, like the 8B models: FSDP shards its embedding and output layer."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_untied"), 1, **TINY, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def random_groups(seed: int = 0, version: int = 0, num_prompts: int = 3) -> list[Group]:
+    """Groups of 4 with mixed rewards, ragged lengths and made-up sampler logprobs (so ratios are far from 1)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = []
+    for p in range(num_prompts):
+        prompt_ids = tuple(torch.randint(3, 128, (4 + p,), generator=g).tolist())
+        rollouts = []
+        for i in range(4):
+            comp = tuple(torch.randint(3, 128, (2 + (i * 3 + p) % 5,), generator=g).tolist())
+            lps = tuple((-torch.rand(len(comp), generator=g) * 4).tolist())
+            rollouts.append(Rollout(prompt_ids=prompt_ids, completion_ids=comp, sampler_logprobs=lps, reward=float(i % 2), text="", finish_reason="stop"))
+        prompt = Prompt(problem_id=f"p{p}", question="q", prompt_ids=prompt_ids, reference="1", reward_task="number")
+        groups.append(Group(prompt=prompt, rollouts=tuple(rollouts), policy_version=version))
+    return groups

@@ -5,33 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_groups
 
 from rlora.rl.advantages import center
 from rlora.rl.batching import build_batch
 from rlora.rl.losses import LossSpec
-from rlora.rl.types import Group, Prompt, Rollout
 from rlora.train.learner import Learner, LearnerSpec
 from rlora.train.lora import LoRASpec
 
 
 def _batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    groups = []
-    for p in range(3):
-        prompt_ids = tuple(torch.randint(3, 128, (4 + p,), generator=g).tolist())
-        rollouts = []
-        for i in range(4):
-            comp = tuple(torch.randint(3, 128, (2 + (i * 3 + p) % 5,), generator=g).tolist())
-            lps = tuple((-torch.rand(len(comp), generator=g) * 4).tolist())
-            rollouts.append(Rollout(prompt_ids=prompt_ids, completion_ids=comp, sampler_logprobs=lps, reward=float(i % 2), text="", finish_reason="stop"))
-        groups.append(
-            Group(
-                prompt=Prompt(problem_id=f"p{p}", question="q", prompt_ids=prompt_ids, reference="1", reward_task="number"),
-                rollouts=tuple(rollouts),
-                policy_version=0,
-            )
-        )
-    batch = build_batch(groups, center, pad_id=0)
+    batch = build_batch(random_groups(seed), center, pad_id=0)
     assert batch is not None
     return batch
 

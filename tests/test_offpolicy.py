@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import random_groups
 from transformers import AutoModelForCausalLM
 
 from rlora.config import RLConfig
@@ -17,30 +18,14 @@ from rlora.rl.advantages import center
 from rlora.rl.batching import build_batch, minibatches
 from rlora.rl.losses import LossSpec, kl_k3
 from rlora.rl.steps import learn, loss_spec
-from rlora.rl.types import Group, Prompt, Rollout, TrainBatch
+from rlora.rl.types import TrainBatch
 from rlora.train import lora
 from rlora.train.distributed import shard_batch
 from rlora.train.learner import Learner, LearnerSpec
 
 
-def _groups(seed: int = 0, version: int = 0, num_prompts: int = 3) -> list[Group]:
-    """Groups of 4 with mixed rewards, ragged lengths and made-up sampler logprobs (so ratios are far from 1)."""
-    g = torch.Generator().manual_seed(seed)
-    groups = []
-    for p in range(num_prompts):
-        prompt_ids = tuple(torch.randint(3, 128, (4 + p,), generator=g).tolist())
-        rollouts = []
-        for i in range(4):
-            comp = tuple(torch.randint(3, 128, (2 + (i * 3 + p) % 5,), generator=g).tolist())
-            lps = tuple((-torch.rand(len(comp), generator=g) * 4).tolist())
-            rollouts.append(Rollout(prompt_ids=prompt_ids, completion_ids=comp, sampler_logprobs=lps, reward=float(i % 2), text="", finish_reason="stop"))
-        prompt = Prompt(problem_id=f"p{p}", question="q", prompt_ids=prompt_ids, reference="1", reward_task="number")
-        groups.append(Group(prompt=prompt, rollouts=tuple(rollouts), policy_version=version))
-    return groups
-
-
 def _batch(seed: int = 0) -> TrainBatch:
-    batch = build_batch(_groups(seed), center, pad_id=0)
+    batch = build_batch(random_groups(seed), center, pad_id=0)
     assert batch is not None
     return batch
 
@@ -79,7 +64,7 @@ def test_default_learn_is_exactly_one_train_step_on_the_whole_batch(tiny_model_p
     cfg = _cfg(arm)
     a, b = Learner(_spec(tiny_model_path, arm)), Learner(_spec(tiny_model_path, arm))
     assert a.reference is None  # no KL penalty: no copy of the weights
-    stats, tokens = learn(a, _groups(), cfg, pad_id=0)
+    stats, tokens = learn(a, random_groups(), cfg, pad_id=0)
     batch = _batch()
     expected = b.train_step(batch, LossSpec(loss="tis", cap=2.0, temperature=0.8), float(batch.num_tokens))
     assert tokens == batch.num_tokens
@@ -91,7 +76,7 @@ def test_default_learn_is_exactly_one_train_step_on_the_whole_batch(tiny_model_p
 def test_minibatches_and_substeps_take_one_step_each_with_their_own_norm(tiny_model_path):
     cfg = _cfg("lora", num_substeps=2, num_minibatches=3, loss="ppo_clip", seed=7)
     recorder = Recorder(Learner(_spec(tiny_model_path, "lora")))
-    stats, tokens = learn(recorder, _groups(version=4), cfg, pad_id=0)
+    stats, tokens = learn(recorder, random_groups(version=4), cfg, pad_id=0)
     batch = _batch()
     assert len(recorder.calls) == 6 and tokens == batch.num_tokens
     assert all(norm == mb.num_tokens for mb, _, norm in recorder.calls)  # N per minibatch
@@ -107,7 +92,7 @@ def test_minibatches_and_substeps_take_one_step_each_with_their_own_norm(tiny_mo
 def test_constant_norm_is_shared_out_over_the_minibatches(tiny_model_path):
     cfg = _cfg("lora", num_minibatches=4, loss_norm="constant", loss_norm_constant=100.0)
     recorder = Recorder(Learner(_spec(tiny_model_path, "lora")))
-    learn(recorder, _groups(), cfg, pad_id=0)
+    learn(recorder, random_groups(), cfg, pad_id=0)
     assert [norm for _, _, norm in recorder.calls] == [25.0] * 4
 
 
@@ -200,7 +185,7 @@ def test_new_losses_shard_like_the_whole_batch(tiny_model_path, spec):
 
 
 def test_ratio_stats_split_by_staleness(tiny_model_path):
-    groups = _groups(0, version=5, num_prompts=2) + _groups(1, version=3, num_prompts=2)
+    groups = random_groups(0, version=5, num_prompts=2) + random_groups(1, version=3, num_prompts=2)
     learner = Learner(_spec(tiny_model_path, "lora"))
     stats, _ = learn(learner, groups, _cfg("lora"), pad_id=0, current_version=5)
     assert stats["staleness_mean"] == 1.0 and stats["staleness_max"] == 2.0

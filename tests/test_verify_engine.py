@@ -85,6 +85,27 @@ def old_tensor_in(weights: Iterable[tuple[str, torch.Tensor]], name: str, old: t
         yield n, (old if n == name else t)
 
 
+def fullft_faults(run: Run, lr: float, k: int, skip_match: str = "worker 0 .*weight") -> dict[str, float]:
+    """FullFT faults 1-3 at one learning rate, each after its own optimizer step: the load skipped, the
+    previous version served, one tensor of one layer left old. Each must stop the run at its version;
+    the correct handoff after each passes (its statistics returned for the last one)."""
+    learner, sampler = run.learner, run.sampler
+    optimizer_step(learner, lr, seed=10 * k)
+    run.fault("load_weights", lambda weights, version: None, skip_match)
+    run.publish()
+    before = {n: t.clone() for n, t in learner.weights()}
+    optimizer_step(learner, lr, seed=10 * k + 1)
+    stale = lambda weights, version, before=before: Sampler.load_weights(sampler, iter(before.items()), version)  # noqa: E731
+    run.fault("load_weights", stale, "worker 0 .*weight")
+    run.publish()
+    name = f"{LAYER}.weight"
+    old = dict(learner.weights())[name].clone()
+    optimizer_step(learner, lr, seed=10 * k + 2)
+    one_old = lambda weights, version, name=name, old=old: Sampler.load_weights(sampler, old_tensor_in(weights, name, old), version)  # noqa: E731
+    run.fault("load_weights", one_old, rf"worker 0 .*{LAYER}\.weight")
+    return run.publish()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arm", ["lora", "full"])
 def test_every_handoff_fault_stops_the_run_at_its_step(tiny_model_with_tokenizer, arm, dtype):
@@ -94,46 +115,36 @@ def test_every_handoff_fault_stops_the_run_at_its_step(tiny_model_with_tokenizer
     try:
         run.publish()  # v0: calibrates the probe, checks the base
         for k, lr in enumerate(LRS[arm]):
-            # 1. the weight or adapter load skipped: the engine keeps the previous policy
+            if arm == "full":
+                stats = fullft_faults(run, lr, k)
+                assert stats["fingerprint_ok"] == 1.0 and stats["fingerprint_tensors"] > 0 and stats["verify_s"] > 0
+                continue
+            # 1. the adapter load skipped: the engine keeps the previous policy
             optimizer_step(learner, lr, seed=10 * k)
-            skip = (lambda write, version: None) if arm == "lora" else (lambda weights, version: None)
-            run.fault("load_adapter" if arm == "lora" else "load_weights", skip, "worker 0 .*(lora_|weight)")
+            run.fault("load_adapter", lambda write, version: None, "worker 0 .*lora_")
             run.publish()
             # 2. the previous version served: the engine loads the policy before this step
-            if arm == "lora":
-                previous = Path(sampler._lora.lora_path)  # type: ignore[union-attr]  # the live (previous) version's files
-                kept = previous.with_name("kept")
-                shutil.copytree(previous, kept)
-                optimizer_step(learner, lr, seed=10 * k + 1)
-                stale = lambda write, version, kept=kept: Sampler.load_adapter(sampler, lambda p: shutil.copytree(kept, p), version)  # noqa: E731
-                run.fault("load_adapter", stale, "worker 0 .*lora_")
-                shutil.rmtree(kept)
-            else:
-                before = {n: t.clone() for n, t in learner.weights()}
-                optimizer_step(learner, lr, seed=10 * k + 1)
-                stale = lambda weights, version, before=before: Sampler.load_weights(sampler, iter(before.items()), version)  # noqa: E731
-                run.fault("load_weights", stale, "worker 0 .*weight")
+            previous = Path(sampler._lora.lora_path)  # type: ignore[union-attr]  # the live (previous) version's files
+            kept = previous.with_name("kept")
+            shutil.copytree(previous, kept)
+            optimizer_step(learner, lr, seed=10 * k + 1)
+            stale = lambda write, version, kept=kept: Sampler.load_adapter(sampler, lambda p: shutil.copytree(kept, p), version)  # noqa: E731
+            run.fault("load_adapter", stale, "worker 0 .*lora_")
+            shutil.rmtree(kept)
             run.publish()
             # 3. one tensor of one layer left old
-            if arm == "lora":
-                key = f"{lora.KEY_PREFIX}{LAYER}.lora_B.weight"
-                old_b = lora.lora_state_dict(learner.model)[key].clone()
-                optimizer_step(learner, lr, seed=10 * k + 2)
+            key = f"{lora.KEY_PREFIX}{LAYER}.lora_B.weight"
+            old_b = lora.lora_state_dict(learner.model)[key].clone()
+            optimizer_step(learner, lr, seed=10 * k + 2)
 
-                def partial(p: Path, key: str = key, old_b: torch.Tensor = old_b) -> None:
-                    learner.write_adapter(p)
-                    tensors = load_file(p / lora.WEIGHTS_FILE)
-                    tensors[key] = old_b
-                    save_file(tensors, p / lora.WEIGHTS_FILE, metadata={"format": "pt"})
+            def partial(p: Path, key: str = key, old_b: torch.Tensor = old_b) -> None:
+                learner.write_adapter(p)
+                tensors = load_file(p / lora.WEIGHTS_FILE)
+                tensors[key] = old_b
+                save_file(tensors, p / lora.WEIGHTS_FILE, metadata={"format": "pt"})
 
-                one_old = lambda write, version: Sampler.load_adapter(sampler, partial, version)  # noqa: E731
-                run.fault("load_adapter", one_old, rf"worker 0 .*{LAYER}\[0\]\.lora_B")
-            else:
-                name = f"{LAYER}.weight"
-                old = dict(learner.weights())[name].clone()
-                optimizer_step(learner, lr, seed=10 * k + 2)
-                one_old = lambda weights, version, name=name, old=old: Sampler.load_weights(sampler, old_tensor_in(weights, name, old), version)  # noqa: E731
-                run.fault("load_weights", one_old, rf"worker 0 .*{LAYER}\.weight")
+            one_old = lambda write, version: Sampler.load_adapter(sampler, partial, version)  # noqa: E731
+            run.fault("load_adapter", one_old, rf"worker 0 .*{LAYER}\[0\]\.lora_B")
             stats = run.publish()
             assert stats["fingerprint_ok"] == 1.0 and stats["fingerprint_tensors"] > 0 and stats["verify_s"] > 0
     finally:
@@ -149,24 +160,11 @@ def test_sampled_fullft_read_back_catches_every_stale_or_partial_handoff(tiny_mo
     path = tiny_model_with_tokenizer
     run = Run(make_learner(path, "full", dtype), make_sampler(path, "full", dtype))
     run.probe.fingerprint_fraction, run.probe.fingerprint_full_every = 0.125, 1000
-    learner, sampler = run.learner, run.sampler
+    sampler = run.sampler
     try:
         assert run.publish()["fingerprint_fraction"] == 1.0  # the run's first handoff: everything
         for k, lr in enumerate(LRS["full"]):
-            optimizer_step(learner, lr, seed=10 * k)
-            run.fault("load_weights", lambda weights, version: None, "worker 0 .*weight .*input columns sampled")
-            assert run.publish()["fingerprint_fraction"] == 0.125
-            before = {n: t.clone() for n, t in learner.weights()}
-            optimizer_step(learner, lr, seed=10 * k + 1)
-            stale = lambda weights, version, before=before: Sampler.load_weights(sampler, iter(before.items()), version)  # noqa: E731
-            run.fault("load_weights", stale, "worker 0 .*weight")
-            run.publish()
-            name = f"{LAYER}.weight"
-            old = dict(learner.weights())[name].clone()
-            optimizer_step(learner, lr, seed=10 * k + 2)
-            one_old = lambda weights, version, name=name, old=old: Sampler.load_weights(sampler, old_tensor_in(weights, name, old), version)  # noqa: E731
-            run.fault("load_weights", one_old, rf"worker 0 .*{LAYER}\.weight")
-            stats = run.publish()
+            stats = fullft_faults(run, lr, k, skip_match="worker 0 .*weight .*input columns sampled")
             assert stats["fingerprint_ok"] == 1.0 and stats["fingerprint_fraction"] == 0.125
     finally:
         close(sampler)
