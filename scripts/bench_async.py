@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "bench_async", help="run directories (kept; finished runs are read back)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps of a tiny workload, k 0 and 1, one seed")
     parser.add_argument("--only-model", action="store_true", help="print the GPU model only")
+    parser.add_argument("--no-run", action="store_true", help="summarize the finished runs only; start or resume none")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if args.quick:
@@ -141,6 +142,9 @@ def main() -> None:
             for k in args.ks:
                 for arm in args.arms:
                     key = f"{arm}-k{k}-s{seed}"
+                    metrics = args.runs / key / "metrics.jsonl"
+                    if args.no_run and not (metrics.exists() and len(read_rows(metrics)) >= args.steps):
+                        continue
                     rows, foreign = run_one(arm, k, seed, args.steps, args.runs / key, args.quick)
                     results[key], contention[key] = summarize(rows), foreign
                     r = results[key]
