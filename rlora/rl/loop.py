@@ -198,7 +198,7 @@ def run_steps(
     next_sample, step = start_step, start_step  # `step`: the next step to train, = the learner's policy version
     evals = evaluate(step)
     last_done = time.perf_counter()  # when the previous step finished (or the loop started)
-    idle_since, learner_wait, sampler_wait, aside = last_done, 0.0, 0.0, 0.0  # aside: eval and checkpoint time, not part of a step
+    idle_since, learner_wait, sampler_wait = last_done, 0.0, 0.0
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)
     try:
         while step < cfg.max_steps:
@@ -208,7 +208,7 @@ def run_steps(
                 handoff = publish(handle, sampler, step + 1, probe)
                 now = time.perf_counter()
                 timings = {"sample_s": batch.sample_s, "grade_s": batch.grade_s, "learn_s": learn_s, **handoff, "handoff_bytes": sampler.handoff_bytes}
-                timings["step_s"] = now - last_done - aside
+                timings["step_s"] = now - last_done
                 overlap = {"sampler_wait_s": sampler_wait, "learner_wait_s": learner_wait}  # staleness_mean/max come from `learn`
                 row = {**step_metrics(step, batch.groups_P, stats, train_tokens), **timings, **overlap, **evals}
                 run.log(row)
@@ -216,10 +216,10 @@ def run_steps(
                 step += 1
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", signal=f"{row['signal_groups']:.2f}")
-                t = time.perf_counter()
                 evals = evaluate(step) if step < cfg.max_steps else {}
+                # the next step starts now: the checkpoint and the eval just done are not part of it
                 last_done = idle_since = time.perf_counter()
-                aside, learner_wait, sampler_wait = last_done - t, 0.0, 0.0
+                learner_wait, sampler_wait = 0.0, 0.0
             elif training is None and pending:  # 4-6. the learner is idle and a batch is ready: learn it
                 batch = pending.popleft()
                 assert batch.step == step and step - batch.version <= k, f"batch {batch.step} from v{batch.version} at step {step} (max_staleness {k})"
