@@ -161,7 +161,10 @@ def expect(tensor: torch.Tensor, tp: int, columns: Columns = ()) -> Expected:
         size = columns[1]
         if tensor.ndim == 2 and tensor.shape[1] == size:  # replicated or row-sharded: the worker holds every column
             sub = tensor[:, sel]
-            return expect(sub, tp) if tp > 1 else Expected(fingerprint(sub), (fingerprint(sub),), ())
+            if tp > 1:
+                return expect(sub, tp)
+            whole = fingerprint(sub)
+            return Expected(whole, (whole,), ())
         if tensor.ndim == 2 and tp > 1 and tensor.shape[1] == size * tp:  # column-sharded: each worker's own columns
             cols = tuple(fingerprint(c[:, sel]) for c in torch.chunk(tensor, tp, 1))
             whole = EMPTY
