@@ -23,7 +23,8 @@ in the usual sweep, one alpha rule) and each rank:
 
 Outputs in `<sweep>/analysis/`: heatmaps.png (rank x lr per panel), ucurves.png (final metric
 against lr, one line per rank, FullFT in black), best_lr.png (best lr against rank), one
-learning-curve plot per panel, summary.json (every number above) and report.md.
+learning-curve plot per panel, summary.json (every number above) and report.md. An RL study (arms
+with several seeds at one lr) gets its seed statistics in front: rlora.experiments.study.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from rlora.experiments.sweep import LORA_KEYS, SWEEP_FILE
-from rlora.runs import RunDir
+from rlora.runs import DONE_FILE, RunDir
 
 import matplotlib  # isort: skip
 
@@ -66,12 +67,15 @@ def final_eval_loss(rows: Sequence[dict[str, object]], cfg: dict[str, object]) -
 
 
 def final_reward(rows: Sequence[dict[str, object]], cfg: dict[str, object]) -> float | None:
-    """Mean reward over the last 20% of steps (at least one); None if the run has not finished."""
+    """Mean reward over the last 20% of steps (at least one); None if the run has not finished.
+
+    Only training rows count: a run with periodic evaluation ends with a row of its own at
+    step == max_steps that holds the final policy's held-out eval and no reward."""
     steps = int(cfg["max_steps"])  # type: ignore[call-overload]
     if not rows or int(rows[-1]["step"]) < steps - 1:  # type: ignore[call-overload]
         return None
-    tail = [float(r["reward_mean"]) for r in rows if int(r["step"]) >= steps - max(1, steps // 5)]  # type: ignore[call-overload, arg-type]
-    return float(np.mean(tail))
+    tail = [float(r["reward_mean"]) for r in rows if "reward_mean" in r and int(r["step"]) >= steps - max(1, steps // 5)]  # type: ignore[call-overload, arg-type]
+    return float(np.mean(tail)) if tail else None
 
 
 @dataclass(frozen=True)
@@ -128,20 +132,64 @@ def _label(cfg: dict[str, object], keys: Sequence[str]) -> str:
     return ",".join(f"{k}={cfg[k]}" for k in keys)
 
 
+class RunFileError(ValueError):
+    """A run directory's file is missing or unreadable; the message names the file."""
+
+
+def read_config(path: Path) -> dict[str, object] | None:
+    """A run's saved config (`config.json`), or None when the JSON is some other file's (no rank and lr)."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunFileError(f"{path}: cannot read the run's config ({e})") from e
+    return cfg if isinstance(cfg, dict) and "rank" in cfg and "lr" in cfg else None
+
+
+def read_run_metrics(run_dir: Path) -> list[dict[str, object]]:
+    """`metrics.jsonl` of a run, strictly: a bad row fails naming the file and line.
+
+    Only a torn last line is forgiven, and only while the run is unfinished (a kill mid-write,
+    which the run drops itself on resume: rlora.runs.RunDir.read_metrics). A finished run
+    (`done.json`) without metrics is an error, not an unfinished run: its analysis would
+    silently lose an arm's seed."""
+    path = RunDir(run_dir).metrics_path
+    finished = (run_dir / DONE_FILE).exists()
+    if not path.exists():
+        if finished:
+            raise RunFileError(f"{path}: missing, but the run is marked done ({run_dir / DONE_FILE})")
+        return []
+    lines = path.read_text().splitlines()
+    rows: list[dict[str, object]] = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not finished:
+                break
+            raise RunFileError(f"{path}:{i}: not a JSON row ({e})") from e
+        if not isinstance(row, dict) or "step" not in row:
+            raise RunFileError(f"{path}:{i}: a metrics row must be a JSON object with a 'step', got {line[:80]!r}")
+        rows.append(row)
+    return rows
+
+
 def read_results(sweep_dir: Path, metric: Metric) -> tuple[list[RunResult], list[str]]:
     """Every finished run under `sweep_dir` (recursively), and the names of those not finished."""
     configs: dict[Path, dict[str, object]] = {}
     for config_path in sorted(sweep_dir.rglob("config.json")):
-        cfg = json.loads(config_path.read_text())
-        if isinstance(cfg, dict) and "rank" in cfg and "lr" in cfg:  # a run's config, not some other file
+        cfg = read_config(config_path)
+        if cfg is not None:  # a run's config, not some other file
             configs[config_path.parent] = cfg
+    for metrics_path in sorted(sweep_dir.rglob("metrics.jsonl")):
+        if metrics_path.parent not in configs and not (metrics_path.parent / "config.json").exists():
+            raise RunFileError(f"{metrics_path}: a run's metrics without its config.json: which arm it belongs to is unknown")
     all_keys = sorted({k for c in configs.values() for k in c})
     varied = [k for k in all_keys if k not in NOT_PANEL and len({json.dumps(c.get(k)) for c in configs.values()}) > 1]
     lora_varied = [k for k in varied if k in LORA_KEYS]
     other_varied = [k for k in varied if k not in LORA_KEYS]
     results, unfinished = [], []
     for path, cfg in configs.items():
-        value = metric.final(RunDir(path).read_metrics(), cfg)
+        value = metric.final(read_run_metrics(path), cfg)
         name = str(path.relative_to(sweep_dir))
         if value is None:
             unfinished.append(name)
