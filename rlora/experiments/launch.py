@@ -241,7 +241,8 @@ def load_plan(path: str | Path, out: str | Path | None = None) -> Plan:
         raise FileNotFoundError(f"plan file {path} does not exist")
     spec = yaml.safe_load(path.read_text()) or {}
     where = f" in {path}"
-    known = tuple(k for k in SPEC_KEYS if k != "devices") + LAUNCH_KEYS  # the GPUs come from --gpus
+    # the GPUs come from --gpus; a study's seed phase needs `rlora sweep`, which adds it once the grid is done
+    known = tuple(k for k in SPEC_KEYS if k not in ("devices", "seeds_at_best_lr")) + LAUNCH_KEYS
     unknown = sorted(set(spec) - set(known)) if isinstance(spec, dict) else []
     if unknown:
         raise ConfigError(f"unknown plan key {unknown[0]!r}{where}; known: {', '.join(known)}")

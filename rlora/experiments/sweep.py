@@ -16,6 +16,19 @@ A sweep file is YAML (the one nested format in rlora; each run's own config stay
 e.g. to give each alpha rule its own learning-rate range. Every key is a config field of `kind`
 and every point is checked like a command line, so a typo fails before anything runs.
 
+A study adds seeds at each arm's best learning rate, a second phase that only exists once the
+first has run:
+
+    seeds_at_best_lr:
+      seeds: [1, 2]                   # more runs of each arm at its best grid lr, one per seed
+      arms: {alpha_rule: [constant]}  # optional: only these arms (FullFT ignores LoRA-only keys)
+
+An arm is a grid point without its `lr` and `seed`. Once every grid run of an arm is done, its
+best grid lr (rlora.experiments.analyze: the sweep's final metric, seeds averaged) gets one run
+per listed seed (`rlora.experiments.study.add_seed_points`); `rlora sweep` runs the grid, then
+those, and a later invocation (days later) adds the arms whose grid has finished since. Only the
+grid's own runs choose the lr, so the seeds never move it.
+
 FullFT points: a point with rank=full drops the LoRA-only keys (`LORA_KEYS`, e.g. alpha_rule),
 which mean nothing without an adapter, so the grid above has one FullFT run per lr, not three.
 
@@ -52,7 +65,8 @@ LORA_KEYS = ("alpha_rule", "alpha_c", "lora_init", "lora_init_scale", "lora_targ
 # Keys that may differ between a run's saved config and the sweep's without making it another run.
 IGNORED_ON_RESUME = ("run_dir", "device", "report_to")
 SWEEP_FILE = "sweep.json"
-SPEC_KEYS = ("kind", "base", "out", "devices", "fixed", "grid")
+SPEC_KEYS = ("kind", "base", "out", "devices", "fixed", "grid", "seeds_at_best_lr")
+SEED_PHASE_KEYS = ("seeds", "arms")
 
 
 # ------------------------------------------------------------------------------------ kinds
@@ -125,12 +139,30 @@ class Point:
 
 
 @dataclass(frozen=True)
+class SeedPhase:
+    """`seeds_at_best_lr`: once an arm's lr grid is done, one more run per seed at its best grid lr."""
+
+    seeds: tuple[int, ...]
+    arms: tuple[tuple[str, tuple[str, ...]], ...]  # (config key, allowed values as run names print them); () = every arm
+
+    def selects(self, point: Point) -> bool:
+        """Whether the point's arm gets seeds: each listed key's value is allowed (FullFT skips LoRA-only keys)."""
+        for key, allowed in self.arms:
+            if point.config.rank == "full" and key in LORA_KEYS:
+                continue
+            if format_value(getattr(point.config, key)) not in allowed:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
 class Sweep:
     kind: str
     path: Path  # the sweep file
     out: Path  # where the run directories go
     devices: tuple[str, ...]  # () = each config's own `device`
-    points: tuple[Point, ...]
+    points: tuple[Point, ...]  # the grid's points (plus, once expanded, the seed phase's)
+    seed_phase: SeedPhase | None = None
 
 
 def format_value(value: object) -> str:
@@ -184,6 +216,40 @@ def make_points(kind: str, base: dict[str, object], raw_points: list[dict[str, o
     return tuple(seen.values())
 
 
+def arm_key(point: Point) -> tuple[tuple[str, object], ...]:
+    """A point's arm: its grid values without `lr` and `seed` (FullFT's already lack the LoRA-only keys)."""
+    return tuple((k, v) for k, v in point.overrides if k not in ("lr", "seed"))
+
+
+def seed_point(point: Point, lr: float, seed: int, out: Path) -> Point:
+    """`point`'s arm at `lr` with `seed`: the name keeps the grid order, a seed not in the grid goes last."""
+    overrides = dict(point.overrides)
+    overrides["lr"] = lr
+    overrides["seed"] = seed
+    items = tuple(overrides.items())
+    name = run_name(items)
+    cfg = from_dict(type(point.config), {**to_dict(point.config), "lr": lr, "seed": seed, "run_dir": str(out / name)})
+    return Point(name, items, cfg)
+
+
+def parse_seed_phase(spec: object, cls: type[TrainConfig], where: str) -> SeedPhase:
+    if not isinstance(spec, dict) or set(spec) - set(SEED_PHASE_KEYS) or "seeds" not in spec:
+        raise ConfigError(f"sweep key 'seeds_at_best_lr'{where} must be a mapping with 'seeds' (a list of ints) and optional 'arms', got {spec!r}")
+    seeds = spec["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ConfigError(f"seeds_at_best_lr 'seeds'{where} must be a non-empty list of ints, got {seeds!r}")
+    arms = spec.get("arms") or {}
+    if not isinstance(arms, dict):
+        raise ConfigError(f"seeds_at_best_lr 'arms'{where} must be a mapping key: [values], got {arms!r}")
+    known = {f.name for f in fields(cls)}
+    for key, values in arms.items():
+        if key not in known or key in ("lr", "seed"):
+            raise ConfigError(f"seeds_at_best_lr 'arms' key {key!r}{where} must be a config key other than lr and seed")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"seeds_at_best_lr 'arms' key {key!r}{where} must be a non-empty list, got {values!r}")
+    return SeedPhase(tuple(seeds), tuple((k, tuple(format_value(v) for v in vs)) for k, vs in arms.items()))
+
+
 def _resolve(path_text: str, sweep_path: Path) -> Path:
     path = Path(path_text)
     if path.is_absolute() or path.exists():
@@ -228,7 +294,8 @@ def parse_sweep(spec: object, path: Path, out: str | Path | None = None) -> Swee
     if "grid" not in spec:
         raise ConfigError(f"sweep file {path} has no 'grid'")
     points = make_points(kind, base, expand_grid(spec["grid"], where), out_path, where)
-    return Sweep(kind, path, out_path, tuple(devices), points)
+    phase = parse_seed_phase(spec["seeds_at_best_lr"], KINDS[kind].config_cls(), where) if "seeds_at_best_lr" in spec else None
+    return Sweep(kind, path, out_path, tuple(devices), points, phase)
 
 
 # ------------------------------------------------------------------------------------ running
