@@ -59,14 +59,25 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from rlora.experiments.sweep import load_sweep, run_sweep, run_worker
 
     sweep = load_sweep(args.config, out=args.out)
+    now = sweep  # the runs known today: a study's seeds join once their arm's lr grid is done
+    if sweep.seed_phase is not None:
+        from rlora.experiments.study import add_seed_points
+
+        now = add_seed_points(sweep)
     if args.dry_run:
-        for point in sweep.points:
+        for point in now.points:
             print(point.name)
-        print(f"{len(sweep.points)} runs of kind {sweep.kind} in {sweep.out}")
+        print(f"{len(now.points)} runs of kind {sweep.kind} in {sweep.out}")
+        if sweep.seed_phase is not None:
+            print(f"and seeds {list(sweep.seed_phase.seeds)} at the best lr of each selected arm, once its lr grid is done")
         return
     log = lambda line: print(line, flush=True)  # noqa: E731
     if args.device:  # one worker of a multi-device sweep (or a sweep pinned to one device)
-        outcome = run_worker(sweep, args.device, args.progress, log, args.budget_s)
+        outcome = run_worker(now, args.device, args.progress, log, args.budget_s)
+    elif sweep.seed_phase is not None:
+        from rlora.experiments.study import run_study
+
+        outcome = run_study(sweep, args.progress, log, args.budget_s)
     else:
         outcome = run_sweep(sweep, args.progress, log, args.budget_s)
     summary = f"{len(outcome['skipped'])} already done or taken, {len(outcome['left'])} left for the next invocation"
@@ -74,9 +85,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from rlora.experiments.analyze import analyze
+    from rlora.experiments.study import analyze_study
 
-    a = analyze(args.sweep_dir, out=args.out, tol=args.tol, kind=args.kind)
+    a, _ = analyze_study(args.sweep_dir, out=args.out, tol=args.tol, kind=args.kind, study=args.study)
     out = Path(args.out) if args.out else Path(args.sweep_dir) / "analysis"
     print((out / "report.md").read_text(), end="")
     print(f"\nreport, summary.json and plots in {out}/ ({a.runs} runs)")
@@ -203,11 +214,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget-s", type=float, default=0.0, help="start no new run after this many seconds (0 = no limit); run again to go on")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("analyze", help="heatmaps, U-curves, best lr per rank, reusable bands and report.md of a sweep")
+    p = sub.add_parser("analyze", help="heatmaps, U-curves, best lr per rank, reusable bands and report.md of a sweep; a study's seeds and CIs")
     p.add_argument("sweep_dir", help="a sweep directory (its run dirs below it)")
     p.add_argument("--out", help="folder for the report and plots (default: SWEEP_DIR/analysis)")
     p.add_argument("--tol", type=float, help="band tolerance (sft: relative, default 0.05; rl: absolute reward, default 0.05)")
     p.add_argument("--kind", choices=["sft", "rl"], help="default: from SWEEP_DIR/sweep.json")
+    p.add_argument(
+        "--study",
+        action=argparse.BooleanOptionalAction,
+        help="RL study tables (seeds, 95%% intervals, reward bands); default: when some arm has several seeds at one lr",
+    )
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("suggest-lr", help="the blog's fitted lr: base * M_LoRA * (2000 / hidden_size) ** model_pow")
