@@ -68,11 +68,13 @@ def test_fewshot_puts_boxed_worked_examples_first(base_tokenizer):
 
 
 def test_probe_follows_the_format(tokenizer, base_tokenizer):
-    chat = probe_ids(tokenizer)
-    assert tokenizer.decode(chat).count("42") == 2
+    chat = tokenizer.decode(probe_ids(tokenizer))
+    # from the question on: the template's default system prompt costs forward tokens and checks nothing more
+    assert chat.startswith("What is 12 + 30?<|im_end|>") and "assistant\n12 + 30 = 42.<|im_end|>" in chat and "system" not in chat
     plain = probe_ids(base_tokenizer)  # auto: no template, no crash
     assert base_tokenizer.decode(plain).startswith("Question: What is 12 + 30?")
     assert probe_ids(tokenizer, "plain") == plain
+    assert probe_ids(base_tokenizer, "fewshot") == plain  # without the worked examples
     with pytest.raises(ConfigError):
         probe_ids(base_tokenizer, "chat")
 

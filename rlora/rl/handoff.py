@@ -4,10 +4,11 @@
 and path per version, so the prefix cache can never serve KV from an older policy), the full
 weights for FullFT. Then two checks, and any failure stops the run with `HandoffError`:
 
-1. The probe (statistical, end to end): a fixed chat sequence is scored by the engine and by the
-   learner; the mean per-token gap must stay within a tolerance calibrated at the first handoff
-   of the run, when both sides hold identical weights (`Probe`). It covers what fingerprints do
-   not see: tokenizer, chat template, the sampling path, layouts.
+1. The probe (statistical, end to end): a short fixed exchange in the run's prompt format is
+   scored by the engine and by the learner; the mean per-token gap must stay within a tolerance
+   calibrated at the first handoff of the run, when both sides hold identical weights (`Probe`).
+   It covers what fingerprints do not see: the engine's whole forward and logprob path, layouts
+   (a transposed load), LoRA scaling and routing, the prefix cache.
 2. Fingerprints (exact): every engine worker (each tensor-parallel rank; each tenant's adapter
    on a shared engine) fingerprints the weights it actually serves for this version (the LoRA
    slot buffers the forward pass reads, or every FullFT weight read back through the engine's
@@ -55,8 +56,8 @@ from rlora.train import lora
 from rlora.train.learner import DTYPES, LearnerHandle
 
 PROBE_MESSAGES = [
-    {"role": "user", "content": "What is 12 + 30? Reply with just the number."},
-    {"role": "assistant", "content": "12 + 30 = 42. So the answer is 42."},
+    {"role": "user", "content": "What is 12 + 30?"},
+    {"role": "assistant", "content": "12 + 30 = 42."},
 ]
 # Probe tolerance = max(PROBE_CALIBRATION_X x the gap measured at the first handoff, the dtype's floor).
 # Measured gaps with identical weights: ~1e-5 nats/token in float32, 0.03-0.09 in bf16
@@ -70,9 +71,17 @@ class HandoffError(RuntimeError):
 
 
 def probe_ids(tokenizer: Tokenizer, prompt_format: str = "auto") -> list[int]:
-    """The probe exchange in the run's prompt format (a base model without a chat template gets plain text)."""
+    """The probe exchange in the run's prompt format, from the line holding the question on.
+
+    What a format puts before that line (a chat template's default system prompt, few-shot
+    examples) is left out: each probe token is a forward token on both sides at every handoff,
+    and on CPU the probe's cost is its length (SmolLM2's chat template: 29 tokens, against 68 with
+    its system prompt and a longer exchange). A base model without a chat template gets plain text.
+    """
     name = resolve_prompt_format(prompt_format, tokenizer)
-    text = render_turn(PROBE_MESSAGES[0]["content"], PROBE_MESSAGES[1]["content"], "number", tokenizer, name)
+    question, answer = PROBE_MESSAGES[0]["content"], PROBE_MESSAGES[1]["content"]
+    text = render_turn(question, answer, "number", tokenizer, name)
+    text = text[text.rfind("\n", 0, text.rindex(question)) + 1 :]
     return tokenizer.encode(text, add_special_tokens=name != "chat")
 
 
