@@ -74,9 +74,11 @@ def probe_ids(tokenizer: Tokenizer, prompt_format: str = "auto") -> list[int]:
     """The probe exchange in the run's prompt format, from the line holding the question on.
 
     What a format puts before that line (a chat template's default system prompt, few-shot
-    examples) is left out: each probe token is a forward token on both sides at every handoff,
-    and on CPU the probe's cost is its length (SmolLM2's chat template: 29 tokens, against 68 with
-    its system prompt and a longer exchange). A base model without a chat template gets plain text.
+    examples) is left out: each probe token is a forward token on both sides at every handoff.
+    On CPU a probe costs ~0.3 s whatever its length (each side streams the weights once) plus its
+    tokens; 29 tokens under SmolLM2's chat template, against 68 with the template's system prompt
+    and a longer exchange, took 0.45 s instead of 0.8 (docs/benchmarks.md). A base model without a
+    chat template gets plain text.
     """
     name = resolve_prompt_format(prompt_format, tokenizer)
     question, answer = PROBE_MESSAGES[0]["content"], PROBE_MESSAGES[1]["content"]
