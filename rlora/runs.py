@@ -32,6 +32,12 @@ from rlora.tracking import Tracker, open_tracker
 
 LATEST = "latest"
 DONE_FILE = "done.json"  # a finished run: every later sweep or launch skips it
+
+
+class RunFileError(ValueError):
+    """A run directory's file is missing or unreadable; the message names the file."""
+
+
 ERROR_FILE = "error.txt"  # a failed run's traceback (or a launcher's log tail)
 LOCK_FILE = ".lock"  # the flock of whoever trains the run now
 C = TypeVar("C", bound=TrainConfig)
@@ -113,15 +119,29 @@ class RunDir:
     def __getstate__(self) -> dict[str, object]:
         return {**self.__dict__, "_tracker": None}  # rank 0 broadcasts the RunDir; trackers stay there
 
-    def read_metrics(self) -> list[dict[str, object]]:
-        if not self.metrics_path.exists():
+    def read_metrics(self, strict: bool = False) -> list[dict[str, object]]:
+        """The metrics rows, up to a torn line (a kill mid-write; resume drops it).
+
+        `strict` (analysis): only a torn LAST line of an unfinished run is forgiven; any other bad
+        row, a row without a 'step', or a finished run (`done.json`) without metrics raises
+        RunFileError naming the file and line, since an analysis would silently lose that run."""
+        path, finished = self.metrics_path, strict and (self.path / DONE_FILE).exists()
+        if not path.exists():
+            if finished:
+                raise RunFileError(f"{path}: missing, but the run is marked done ({self.path / DONE_FILE})")
             return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
+        lines = path.read_text().splitlines()
+        rows: list[dict[str, object]] = []
+        for i, line in enumerate(lines, 1):
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a kill mid-write
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if not strict or (i == len(lines) and not finished):
+                    break
+                raise RunFileError(f"{path}:{i}: not a JSON row ({e})") from e
+            if strict and (not isinstance(row, dict) or "step" not in row):
+                raise RunFileError(f"{path}:{i}: a metrics row must be a JSON object with a 'step', got {line[:80]!r}")
+            rows.append(row)
         return rows
 
     def truncate_metrics(self, next_step: int) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from rlora.experiments.sweep import LORA_KEYS, SWEEP_FILE
-from rlora.runs import DONE_FILE, RunDir
+from rlora.runs import RunDir, RunFileError
 
 import matplotlib  # isort: skip
 
@@ -132,10 +132,6 @@ def _label(cfg: dict[str, object], keys: Sequence[str]) -> str:
     return ",".join(f"{k}={cfg[k]}" for k in keys)
 
 
-class RunFileError(ValueError):
-    """A run directory's file is missing or unreadable; the message names the file."""
-
-
 def read_config(path: Path) -> dict[str, object] | None:
     """A run's saved config (`config.json`), or None when the JSON is some other file's (no rank and lr)."""
     try:
@@ -143,34 +139,6 @@ def read_config(path: Path) -> dict[str, object] | None:
     except (OSError, json.JSONDecodeError) as e:
         raise RunFileError(f"{path}: cannot read the run's config ({e})") from e
     return cfg if isinstance(cfg, dict) and "rank" in cfg and "lr" in cfg else None
-
-
-def read_run_metrics(run_dir: Path) -> list[dict[str, object]]:
-    """`metrics.jsonl` of a run, strictly: a bad row fails naming the file and line.
-
-    Only a torn last line is forgiven, and only while the run is unfinished (a kill mid-write,
-    which the run drops itself on resume: rlora.runs.RunDir.read_metrics). A finished run
-    (`done.json`) without metrics is an error, not an unfinished run: its analysis would
-    silently lose an arm's seed."""
-    path = RunDir(run_dir).metrics_path
-    finished = (run_dir / DONE_FILE).exists()
-    if not path.exists():
-        if finished:
-            raise RunFileError(f"{path}: missing, but the run is marked done ({run_dir / DONE_FILE})")
-        return []
-    lines = path.read_text().splitlines()
-    rows: list[dict[str, object]] = []
-    for i, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) and not finished:
-                break
-            raise RunFileError(f"{path}:{i}: not a JSON row ({e})") from e
-        if not isinstance(row, dict) or "step" not in row:
-            raise RunFileError(f"{path}:{i}: a metrics row must be a JSON object with a 'step', got {line[:80]!r}")
-        rows.append(row)
-    return rows
 
 
 def read_results(sweep_dir: Path, metric: Metric) -> tuple[list[RunResult], list[str]]:
@@ -189,7 +157,7 @@ def read_results(sweep_dir: Path, metric: Metric) -> tuple[list[RunResult], list
     other_varied = [k for k in varied if k not in LORA_KEYS]
     results, unfinished = [], []
     for path, cfg in configs.items():
-        value = metric.final(read_run_metrics(path), cfg)
+        value = metric.final(RunDir(path).read_metrics(strict=True), cfg)
         name = str(path.relative_to(sweep_dir))
         if value is None:
             unfinished.append(name)

@@ -49,7 +49,6 @@ from rlora.experiments.analyze import (
     make_curve,
     read_config,
     read_results,
-    read_run_metrics,
     summarize_rank,
 )
 from rlora.experiments.stats import CONFIDENCE, Interval, first_crossing, mean_interval, pooled_sd, t_quantile, trailing_mean, welch_difference
@@ -95,7 +94,7 @@ def add_seed_points(sweep: Sweep) -> Sweep:
         for p in points:
             run_dir = sweep.out / p.name
             cfg = read_config(run_dir / "config.json") or {}
-            value = metric.final(read_run_metrics(run_dir), cfg) if cfg else None
+            value = metric.final(RunDir(run_dir).read_metrics(strict=True), cfg) if cfg else None
             results.append(RunResult(p.name, p.config.rank, float(p.config.lr), "", "", math.nan if value is None else value, str(run_dir)))
         best = best_lr(make_curve(results), metric)
         if best is None:
@@ -163,7 +162,7 @@ def read_seed_run(result: RunResult) -> SeedRun:
     run_dir = Path(result.run_dir)
     cfg = read_config(run_dir / "config.json")
     assert cfg is not None, f"{run_dir}: read_results returned a run without a run config"
-    rows = read_run_metrics(run_dir)
+    rows = RunDir(run_dir).read_metrics(strict=True)
     train = [r for r in rows if "reward_mean" in r]
     if len(train) < FINAL_STEPS:
         raise ValueError(f"{run_dir / 'metrics.jsonl'}: {len(train)} rows with reward_mean, a study needs at least {FINAL_STEPS}")
