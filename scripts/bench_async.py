@@ -40,7 +40,12 @@ GPU_PRESETS = ("rl_gsm8k_llama3_8b_lora_r1", "rl_gsm8k_llama3_8b_full", "rl_math
 FOREIGN = "bench_foreign_cpu_share"  # kept in the run directory, so a summary read back later still has it
 
 
-def run_one(arm: str, k: int, seed: int, steps: int, run_dir: Path, quick: bool) -> tuple[list[dict[str, object]], float | None]:
+def run_name(arm: str, k: int, seed: int, loss: str) -> str:
+    """The run directory's name: the loss is named when it is not the preset's (`tis`); k = 0 always keeps `tis`."""
+    return f"{arm}-k{k}-s{seed}" + (f"-{loss}" if k > 0 and loss != "tis" else "")
+
+
+def run_one(arm: str, k: int, seed: int, steps: int, run_dir: Path, quick: bool, loss: str = "tis") -> tuple[list[dict[str, object]], float | None]:
     """One run (or its resumption, or nothing when it is done): its metrics rows and the foreign CPU
     share while it ran (None when unknown: a run finished before the share was recorded)."""
     metrics = run_dir / "metrics.jsonl"
@@ -51,6 +56,7 @@ def run_one(arm: str, k: int, seed: int, steps: int, run_dir: Path, quick: bool)
         cmd = [sys.executable, "-m", "rlora.cli", "rl", "--resume", str(run_dir)]
     else:
         cmd = [sys.executable, "-m", "rlora.cli", "rl", "--config", str(PRESETS[arm]), f"max_staleness={k}", f"seed={seed}", f"max_steps={steps}"]
+        cmd += [f"loss={loss}"] if k > 0 and loss != "tis" else []
         cmd += ["checkpoint_every=5", f"run_dir={run_dir}"] + (["prompts_per_step=2", "group_size=4", "max_tokens=16"] if quick else [])
     proc, foreign = foreign_cpu_share(lambda: subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True))
     if proc.returncode != 0:
@@ -160,6 +166,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "bench_async", help="run directories (kept; finished runs are read back)")
+    parser.add_argument(
+        "--async-loss",
+        default="tis",
+        choices=["tis", "seq_mask", "ppo_clip"],
+        help="the loss of the k >= 1 runs (their directories are suffixed with it); the k = 0 runs they are held to keep the preset's tis",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps of a tiny workload, k 0 and 1, one seed")
     parser.add_argument("--only-model", action="store_true", help="print the GPU model only")
     parser.add_argument("--no-run", action="store_true", help="summarize the finished runs only; start or resume none")
@@ -175,18 +187,20 @@ def main() -> None:
             for k in args.ks:
                 for arm in args.arms:
                     key = f"{arm}-k{k}-s{seed}"
-                    metrics = args.runs / key / "metrics.jsonl"
+                    run_dir = args.runs / run_name(arm, k, seed, args.async_loss)
+                    metrics = run_dir / "metrics.jsonl"
                     if args.no_run and not (metrics.exists() and len(read_rows(metrics)) >= args.steps):
                         continue
-                    rows, foreign = run_one(arm, k, seed, args.steps, args.runs / key, args.quick)
+                    rows, foreign = run_one(arm, k, seed, args.steps, run_dir, args.quick, args.async_loss)
                     results[key], contention[key] = summarize(rows), foreign
                     r = results[key]
                     print(
-                        f"  {key}: {r['step_s']:.1f} s/step, waits sampler {r['sampler_wait_s']:.1f} s / learner {r['learner_wait_s']:.1f} s, "
+                        f"  {run_dir.name}: {r['step_s']:.1f} s/step, waits sampler {r['sampler_wait_s']:.1f} s / learner {r['learner_wait_s']:.1f} s, "
                         f"staleness {r['staleness_mean']:.2f}, reward {r['reward_first3']:.3f} -> {r['reward_last3']:.3f} "
                         f"[other processes took {'?' if foreign is None else f'{foreign:.0%}'} of the CPU]",
                         flush=True,
                     )
+        print(f"k >= 1 runs: loss {args.async_loss}; k = 0 runs: tis")
         print(table(results, args.arms, args.ks, args.seeds))
         print()
         print(reach_table(results, args.arms, args.ks, args.seeds))
@@ -200,7 +214,9 @@ def main() -> None:
             f"| {float(m['sync_s']) / float(m['async_s']):.2f}x |"  # type: ignore[arg-type]
         )
     if args.out:
-        Path(args.out).write_text(json.dumps({"runs": results, "foreign_cpu_share": contention, "gpu_model_estimate": model}, indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps({"async_loss": args.async_loss, "runs": results, "foreign_cpu_share": contention, "gpu_model_estimate": model}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":
