@@ -13,11 +13,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import rlora.rl.loop as loop
 from rlora.config import ConfigError, RLConfig, load_config
+from rlora.rl.handoff import Probe
 from rlora.rl.loop import Sampled, run_steps
 from rlora.rl.steps import NO_SIGNAL_STATS, staleness_stats
 from rlora.rl.types import Group, Prompt, Rollout
@@ -64,6 +66,7 @@ class Pipeline:
         self.changed = threading.Condition()
         self.learner_gate: Callable[[int], bool] = lambda trained: True
         self.sampler_gate: Callable[[int], bool] = lambda step: True
+        self.probe = Probe([0], floor=1e-3)
         monkeypatch.setattr(loop, "sample_step", self.sample_step)
         monkeypatch.setattr(loop, "learn", self.learn)
         monkeypatch.setattr(loop, "publish", self.publish)
@@ -72,12 +75,15 @@ class Pipeline:
         with self.changed:
             assert self.changed.wait_for(ready, timeout=HANG_GUARD_S), f"stalled; events {self.events}"
 
-    def sample_step(self, sampler: FakeEngine, problems: object, step: int, cfg: RLConfig) -> Sampled:
+    def sample_step(self, sampler: FakeEngine, problems: object, step: int, cfg: RLConfig, probe: Probe) -> Sampled:
         with self.changed:
             self.started += 1
             self.changed.notify_all()
         self._wait(lambda: self.sampler_gate(step))
         with self.changed:
+            if probe.pending is not None:  # the deferred handoff probe rides in this sampling call
+                self.events.append(("probe", probe.pending[0], self.engine.version))
+                probe.pending = None
             self.events.append(("sample", step, self.engine.version))
             self.sampled += 1
             self.changed.notify_all()
@@ -92,15 +98,23 @@ class Pipeline:
             self.changed.notify_all()
         return {**NO_SIGNAL_STATS, **staleness_stats(groups_P, current_version if current_version is not None else -1)}, 0
 
-    def publish(self, handle: object, sampler: FakeEngine, version: int, probe: object) -> dict[str, float]:
+    def publish(self, handle: object, sampler: FakeEngine, version: int, probe: Probe, *, defer_probe: bool = False) -> dict[str, float]:
         with self.changed:
+            assert probe.pending is None, f"v{version} handed off before v{probe.pending[0]}'s probe was scored"
             self.events.append(("publish", version, self.engine.version))
             self.engine.version = version
+            if defer_probe:
+                probe.pending = (version, np.zeros(1))
+            else:
+                self.events.append(("probe", version, version))  # scored by the handoff itself
             self.changed.notify_all()
         return {"handoff_s": 0.0, "verify_s": 0.0}
 
     def go(self) -> list[dict[str, object]]:
-        run_steps(self.cfg, self.run, SimpleNamespace(empty_cache=lambda: None), self.engine, object(), [], {}, 0, progress=False)  # type: ignore[arg-type]
+        self.engine.version = 0
+        self.publish(None, self.engine, 0, self.probe, defer_probe=True)  # as `train` hands off the initial policy
+        self.events.clear()
+        run_steps(self.cfg, self.run, SimpleNamespace(empty_cache=lambda: None), self.engine, self.probe, [], {}, 0, progress=False)  # type: ignore[arg-type]
         self.run.close()
         return self.run.read_metrics()
 
@@ -118,6 +132,15 @@ def test_slow_learner_the_sampler_runs_exactly_k_versions_ahead(tmp_path, monkey
             assert step - served <= k, pipe.events  # never sampled further ahead than the bound
     assert threading.get_ident() not in pipe.learner_threads  # the learner ran on its own thread
     assert all(r["sampler_wait_s"] >= 0 and r["learner_wait_s"] >= 0 for r in rows)
+    each_version_probed_once(pipe.events, 7)
+
+
+def each_version_probed_once(events: list[tuple[str, int, int]], steps: int) -> None:
+    """Every policy version's handoff probe is scored once, by the engine serving that version, and
+    the next handoff waits for it (the fake publish asserts that)."""
+    probes = [(v, served) for what, v, served in events if what == "probe"]
+    assert [v for v, _ in probes] == list(range(steps + 1)), events
+    assert all(v == served for v, served in probes), events
 
 
 def test_slow_sampler_the_learner_waits_and_batches_stay_one_version_old(tmp_path, monkeypatch):
@@ -130,6 +153,7 @@ def test_slow_sampler_the_learner_waits_and_batches_stay_one_version_old(tmp_pat
     rows = pipe.go()
     assert [r["staleness_max"] for r in rows] == [0, 1, 1, 1, 1]
     assert [e for e in pipe.events if e[0] == "sample"] == [("sample", s, max(s - 1, 0)) for s in range(5)]
+    each_version_probed_once(pipe.events, 5)
 
 
 def test_k0_is_the_synchronous_loop(tmp_path, monkeypatch):
@@ -137,8 +161,8 @@ def test_k0_is_the_synchronous_loop(tmp_path, monkeypatch):
     rows = pipe.go()
     expected = []
     for s in range(3):
-        expected += [("sample", s, s), ("learn", s, s), ("publish", s + 1, s)]
-    assert pipe.events == expected
+        expected += [("probe", s, s), ("sample", s, s), ("learn", s, s), ("publish", s + 1, s)]
+    assert pipe.events == expected + [("probe", 3, 3)]  # no sampling call follows the last handoff: probed by itself
     assert pipe.learner_threads == {threading.get_ident()}  # k = 0: the learner runs in turn, on this thread
     assert [r["staleness_max"] for r in rows] == [0, 0, 0]
 
@@ -174,7 +198,7 @@ def reference_synchronous_rows(cfg: RLConfig) -> list[dict[str, object]]:
     """The loop as it was before `max_staleness`, from the same stages: sample, grade, learn, hand off, in turn."""
     from rlora.data import batch_for_step, load_task, make_prompt
     from rlora.engine.sampler import EngineSpec, Sampler
-    from rlora.rl.handoff import make_probe, publish
+    from rlora.rl.handoff import judge_deferred, make_probe, publish
     from rlora.rl.steps import learn, reward_group, step_metrics
     from rlora.train.learner import Learner
     from rlora.train.models import resolve_model
@@ -198,15 +222,18 @@ def reference_synchronous_rows(cfg: RLConfig) -> list[dict[str, object]]:
     )
     sampler = Sampler(spec)
     probe = make_probe(sampler.tokenizer, cfg.dtype, cfg.probe_tol, cfg.prompt_format, cfg.fingerprint_fraction, cfg.fingerprint_full_every)
-    publish(learner, sampler, 0, probe)
+    publish(learner, sampler, 0, probe, defer_probe=True)  # FullFT: the engine scores the probe in the next sampling call
     rows = []
     try:
         for step in range(cfg.max_steps):
             prompts_P = [make_prompt(p, sampler.tokenizer, cfg.prompt_format) for p in batch_for_step(problems, step, cfg.prompts_per_step, cfg.seed)]
-            samples_P_G = sampler.sample(prompts_P, cfg.group_size, cfg.max_tokens, cfg.temperature)
+            score_ids = probe.token_ids if probe.pending is not None else None
+            samples_P_G, probe_lp = sampler.sample_scoring(prompts_P, cfg.group_size, cfg.max_tokens, cfg.temperature, score_ids=score_ids)
+            if probe_lp is not None:
+                judge_deferred(probe, probe_lp, sampler.version)
             groups_P = [reward_group(p, s, sampler.version, cfg.reward_policy) for p, s in zip(prompts_P, samples_P_G)]
             stats, tokens = learn(learner, groups_P, cfg, sampler.tokenizer.pad_token_id or 0)
-            publish(learner, sampler, step + 1, probe)
+            publish(learner, sampler, step + 1, probe, defer_probe=step + 1 < cfg.max_steps)
             rows.append(step_metrics(step, groups_P, stats, tokens))
     finally:
         sampler.close()

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import rlora.rl.loop as loop
 from rlora.config import RLConfig, load_config
 from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.rl.handoff import HandoffError, make_probe, publish
@@ -134,6 +135,48 @@ def test_one_step_end_to_end(rank, extra, tmp_path):
     assert ckpt is not None and (ckpt / "trainable.pt").exists() and (ckpt / "optimizer.pt").exists()
     assert (ckpt / "adapter" / "adapter_config.json").exists() == (rank == "1")
     assert json.loads((tmp_path / "config.json").read_text())["rank"] == (1 if rank == "1" else "full")
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_fullft_probe_rides_in_the_sampling_call_and_stops_the_run_before_training(tmp_path, monkeypatch, max_staleness):
+    """FullFT: each handoff's probe is scored by the engine as one more request of the next sampling
+    call, not by a call of its own; only the last 1 + k handoffs (no sampling follows) probe by themselves.
+    A policy that scores the probe wrongly (what fingerprints cannot see, e.g. a transposed load;
+    injected here into the engine's scores at v2) stops the run in that sampling call: no batch v2
+    sampled is trained, and no row is logged after step 1."""
+    own_calls: list[int] = []
+    real_prompt_logprobs, real_sample_scoring = Sampler.prompt_logprobs, Sampler.sample_scoring
+
+    def counted(self: Sampler, token_ids: list[int], *args: object, **kwargs: object) -> list[float]:
+        own_calls.append(self.version)
+        return real_prompt_logprobs(self, token_ids, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Sampler, "prompt_logprobs", counted)
+    base = TINY + ["rank=full", "lr=1e-5", "dtype=float32", "checkpoint_every=0", f"max_staleness={max_staleness}"]
+    rows = run_rl(load_config(RLConfig, None, base + ["max_steps=3", f"run_dir={tmp_path / 'ok'}"]), progress=False).read_metrics()
+    # the others were scored inside sampling calls; with k = 1 the last batch was sampled before v2 existed
+    assert own_calls == list(range(3 - max_staleness, 4))
+    assert all(r["probe_gap"] < 2e-3 for r in rows) and [r["step"] for r in rows] == [0, 1, 2]
+
+    def wrong_at_v2(self: Sampler, *args: object, **kwargs: object) -> tuple[object, list[float] | None]:
+        groups, scored = real_sample_scoring(self, *args, **kwargs)  # type: ignore[arg-type]
+        if scored is not None and self.version == 2:
+            scored = [lp - 0.5 for lp in scored]
+        return groups, scored
+
+    monkeypatch.setattr(Sampler, "sample_scoring", wrong_at_v2)
+    trained_from: list[int] = []  # the policy versions that sampled the batches the learner trained
+    real_learn = loop.learn
+
+    def recording_learn(handle: object, groups_P: list, cfg: RLConfig, pad_id: int, current_version: int | None = None) -> tuple[dict[str, float], int]:
+        trained_from.extend(g.policy_version for g in groups_P)
+        return real_learn(handle, groups_P, cfg, pad_id, current_version)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "learn", recording_learn)
+    with pytest.raises(HandoffError, match=r"policy v2: sampler and learner disagree on the probe"):
+        run_rl(load_config(RLConfig, None, base + ["max_steps=4", f"run_dir={tmp_path / 'bad'}"]), progress=False)
+    assert 2 not in trained_from and trained_from  # with k = 1 batch 2 (sampled by v1) may be trained; nothing v2 sampled is
+    assert [json.loads(line)["step"] for line in (tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
 @pytest.mark.parametrize("max_staleness", [0, 1])

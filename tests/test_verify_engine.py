@@ -166,6 +166,15 @@ def test_sampled_fullft_read_back_catches_every_stale_or_partial_handoff(tiny_mo
         for k, lr in enumerate(LRS["full"]):
             stats = fullft_faults(run, lr, k, skip_match="worker 0 .*weight .*input columns sampled")
             assert stats["fingerprint_ok"] == 1.0 and stats["fingerprint_fraction"] == 0.125
+        # the embedding is sampled too (by columns): left old, it is caught and named
+        served = {t.name: t for t in sampler.served_prints(seed=5, fraction=0.125)[0].tensors}
+        assert 0 < served["model.embed_tokens.weight"].columns[2] < served["model.embed_tokens.weight"].columns[1]
+        name = "model.embed_tokens.weight"
+        old = dict(run.learner.weights())[name].clone()
+        optimizer_step(run.learner, LRS["full"][0], seed=99)
+        embedding_old = lambda weights, version: Sampler.load_weights(sampler, old_tensor_in(weights, name, old), version)  # noqa: E731
+        run.fault("load_weights", embedding_old, r"worker 0 .*embed_tokens\.weight .*input columns sampled")
+        assert run.publish()["fingerprint_ok"] == 1.0
     finally:
         close(sampler)
 

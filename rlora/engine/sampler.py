@@ -270,8 +270,9 @@ class WorkerExtension:
 
         With `fraction` < 1 a read-back GEMM multiplies only the identity rows of the input
         columns `sampled_columns(seed ^ crc32(name), K, columns_count(K, fraction))` (a sampled
-        check at a fraction of the GEMM's cost; the entry reports the columns it read); every
-        other tensor is still fingerprinted whole.
+        check at a fraction of the GEMM's cost; the entry reports the columns it read), and so is
+        every other 2-D tensor on CPU (the embedding) at columns drawn the same way; 1-D tensors
+        (norms) are fingerprinted whole.
         """
         from vllm.model_executor.layers.linear import LinearBase
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
@@ -308,8 +309,17 @@ class WorkerExtension:
                 if id(param) in seen or param.numel() == 0 or (reads_back and param_name == "weight"):
                     continue
                 seen.add(id(param))
+                name, sources = f"{mod_name}.{param_name}", checkpoint_names(mod_name, param_name, packed, is_head and tied)
+                if fraction < 1 and param.ndim == 2 and param.device.type == "cpu":
+                    # the embedding (a fifth of SmolLM2-135M): sampled like the GEMMs, else it alone
+                    # was 60% of the sampled check's hashing
+                    K = int(param.shape[1])
+                    columns = [tensor_seed(seed, name), K, columns_count(K, fraction)]
+                    fp = fingerprint(param.data[:, sampled_columns(*columns)])
+                    rows.append([name, sources, fp.hash, fp.nonzero, columns])
+                    continue
                 fp = fingerprint(param.data)
-                rows.append([f"{mod_name}.{param_name}", checkpoint_names(mod_name, param_name, packed, is_head and tied), fp.hash, fp.nonzero])
+                rows.append([name, sources, fp.hash, fp.nonzero])
         return {**self._worker_id(), "tensors": rows}
 
     def overwrite_for_test(self, target: str, rank: int, lora_id: int = -1) -> bool:
@@ -381,6 +391,20 @@ def lora_kwargs(spec: EngineSpec) -> dict[str, object]:
     """The LoRA part of `engine_kwargs` (vLLM's LoRAConfig fields, plus enable_lora)."""
     assert spec.lora_rank is not None
     return dict(enable_lora=True, max_lora_rank=fit_max_lora_rank(spec.lora_rank), max_loras=spec.max_loras, max_cpu_loras=spec.max_loras + 1)
+
+
+def score_params() -> object:
+    """Scoring a sequence: one throwaway token, each prompt token's logprob at temperature 1."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+
+
+def prompt_scores(out: object, token_ids: Sequence[int]) -> list[float]:
+    """log p(token_t | tokens_<t) for t >= 1 from a scoring request's output."""
+    prompt_logprobs = out.prompt_logprobs  # type: ignore[attr-defined]
+    assert prompt_logprobs is not None, "vLLM returned no prompt logprobs"
+    return [float(step[tok].logprob) for step, tok in zip(prompt_logprobs[1:], token_ids[1:])]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -464,10 +488,25 @@ class Sampler:
         `tenants`: whose adapter serves each prompt (None: the base model); all prompts go to the
         engine in one call. Without it every prompt gets the single run's policy.
         """
+        return self.sample_scoring(prompts, group_size, max_tokens, temperature, tenants=tenants)[0]
+
+    def sample_scoring(
+        self,
+        prompts: Sequence[Prompt],
+        group_size: int,
+        max_tokens: int,
+        temperature: float,
+        *,
+        score_ids: Sequence[int] | None = None,
+        tenants: Sequence[str | None] | None = None,
+    ) -> tuple[list[list[Sample]], list[float] | None]:
+        """`sample`, and with `score_ids` that sequence scored as `prompt_logprobs` would score it, by
+        the same policy in the same engine call (one more request: the handoff probe of FullFT runs)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         assert tenants is None or len(tenants) == len(prompts), f"{len(tenants or ())} tenants for {len(prompts)} prompts"
+        assert score_ids is None or tenants is None, "a scored sequence goes with the single run's policy"
         # one SamplingParams per distinct stop list (a base model's prompt format stops at its next "Question:")
         by_stop = {
             stop: SamplingParams(n=group_size, temperature=temperature, top_p=1.0, max_tokens=max_tokens, logprobs=0, stop=list(stop) or None)
@@ -475,8 +514,12 @@ class Sampler:
         }
         params = [by_stop[p.stop] for p in prompts]
         requests = [TokensPrompt(prompt_token_ids=list(p.prompt_ids)) for p in prompts]
+        if score_ids is not None:
+            params.append(score_params())
+            requests.append(TokensPrompt(prompt_token_ids=list(score_ids)))
         lora = self._lora if tenants is None else self._requests(tenants)
         outputs = self.llm.generate(requests, params, lora_request=lora, use_tqdm=False)
+        scored = prompt_scores(outputs.pop(), score_ids) if score_ids is not None else None
         groups: list[list[Sample]] = []
         for out in outputs:
             samples = []
@@ -486,21 +529,18 @@ class Sampler:
                 lps = tuple(float(step[tok].logprob) for step, tok in zip(c.logprobs, ids))
                 samples.append(Sample(completion_ids=ids, sampler_logprobs=lps, text=c.text, finish_reason=str(c.finish_reason)))
             groups.append(samples)
-        return groups
+        return groups, scored
 
     def prompt_logprobs(self, token_ids: Sequence[int], tenant: str | None = DEFAULT_TENANT) -> list[float]:
         """log p(token_t | tokens_<t) for t >= 1 under a tenant's current policy at temperature 1.
 
         A tenant without an adapter yet (or None) is scored by the base model.
         """
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
         lora = self._loras.get(tenant) if tenant is not None else None
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params, lora_request=lora, use_tqdm=False)[0]
-        assert out.prompt_logprobs is not None
-        return [float(step[tok].logprob) for step, tok in zip(out.prompt_logprobs[1:], token_ids[1:])]
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], score_params(), lora_request=lora, use_tqdm=False)[0]
+        return prompt_scores(out, token_ids)
 
     # ---------------------------------------------------------------- handoff
 

@@ -7,6 +7,7 @@ weights for FullFT. Then two checks, and any failure stops the run with `Handoff
 1. The probe (statistical, end to end): a short fixed exchange in the run's prompt format is
    scored by the engine and by the learner; the mean per-token gap must stay within a tolerance
    calibrated at the first handoff of the run, when both sides hold identical weights (`Probe`).
+   FullFT defers the engine's half to its next sampling call (`publish(defer_probe=True)`).
    It covers what fingerprints do not see: the engine's whole forward and logprob path, layouts
    (a transposed load), LoRA scaling and routing, the prefix cache.
 2. Fingerprints (exact): every engine worker (each tensor-parallel rank; each tenant's adapter
@@ -18,8 +19,9 @@ weights for FullFT. Then two checks, and any failure stops the run with `Handoff
    base once, at its first handoff (an engine started from another checkpoint than the learner's).
    FullFT on CPU reads its packed GEMMs back whole at the run's first handoff and every
    `fingerprint_full_every`-th version, and a fresh random `fingerprint_fraction` of their input
-   columns in between (a whole read-back is a matrix product per layer, ~2 s for 135M parameters
-   on 2 cores); a stale or partial handoff leaves whole tensors old, which the sample catches.
+   columns (and of the embedding's) in between (a whole read-back is a matrix product per layer,
+   ~2 s for 135M parameters on 2 cores); a stale or partial handoff leaves whole tensors old,
+   which the sample catches.
 
 Why both: in bf16 one optimizer step moves the probe by less than the bf16 engine/learner noise
 (a stale engine passed the old probe in 8 of 8 measured cases), so only the fingerprint can tell
@@ -102,6 +104,9 @@ class Probe:
     # the first handoff of a run and every `fingerprint_full_every`-th version read back everything
     fingerprint_fraction: float = 1.0
     fingerprint_full_every: int = 1
+    # FullFT with `publish(defer_probe=True)`: (version, the learner's scores) until the engine scores
+    # the probe in its next sampling call (`judge_deferred`)
+    pending: tuple[int, np.ndarray] | None = None
 
     def fingerprint_fraction_for(self, version: int) -> float:
         """This handoff's share of the packed GEMMs' columns to read back: all at the run's first
@@ -408,7 +413,7 @@ def judge_probe(scores: ProbeScores, version: int, probe: Probe) -> dict[str, fl
     return {"probe_gap": gap, "probe_tol": tol, "probe_shift": shift}
 
 
-def publish(learner: LearnerHandle, sampler: Engine, version: int, probe: Probe) -> dict[str, float]:
+def publish(learner: LearnerHandle, sampler: Engine, version: int, probe: Probe, *, defer_probe: bool = False) -> dict[str, float]:
     """Hand the learner's current policy to the engine and prove that every worker now serves it.
 
     Returns the step's handoff metrics: handoff_s (the transfer), probe_gap / probe_tol /
@@ -417,20 +422,45 @@ def publish(learner: LearnerHandle, sampler: Engine, version: int, probe: Probe)
     plus fingerprints; probe_s the probe's part). The probe is scored first: that makes the engine
     activate the adapter, which copies it into the slot the fingerprint then reads; the
     fingerprint's verdict comes before the probe's, since it names what is wrong.
+
+    `defer_probe` (FullFT; the loop sets it when a sampling call at this version follows): the
+    learner scores the probe now, while it holds exactly this version, and the engine scores it
+    as one more request of that sampling call (`judge_deferred`, before the batch is trained)
+    instead of a generate call of its own: on CPU a call of its own streams every weight once,
+    ~0.2 s of the FullFT handoff's verification, against one 29-token prefill among the batch's.
+    The verdict and probe_gap then come with the batch. LoRA always probes here: the probe's
+    request is what copies the adapter into the slot the fingerprint reads.
     """
+    assert probe.pending is None, f"policy v{probe.pending[0]}'s deferred probe was never scored by the engine"
     start = time.perf_counter()
     if learner.spec.lora is not None:
         sampler.load_adapter(learner.write_adapter, version)
     else:
         sampler.load_weights(learner.weights(), version)
     handoff_s = time.perf_counter() - start
+    defer = defer_probe and learner.spec.lora is None
     t = time.perf_counter()
-    scores = score_probe(learner, sampler, probe)
+    learner_lp = np.array(learner.sequence_logprobs(probe.token_ids)) if defer else None
+    scores = None if defer else score_probe(learner, sampler, probe)
     probe_s = time.perf_counter() - t
     # the exact check rules first: its error names the worker, the tensor and the version
     printed = verify_fingerprints(
         learner, sampler, version, check_base=learner.spec.lora is not None and not probe.base_verified, fraction=probe.fingerprint_fraction_for(version)
     )
     probe.base_verified = True
-    probed = {**judge_probe(scores, version, probe), "probe_s": probe_s}
+    if scores is None:
+        assert learner_lp is not None
+        probe.pending, probed = (version, learner_lp), {"probe_s": probe_s}
+    else:
+        probed = {**judge_probe(scores, version, probe), "probe_s": probe_s}
     return {"handoff_s": handoff_s, **probed, **printed, "verify_s": time.perf_counter() - start - handoff_s}
+
+
+def judge_deferred(probe: Probe, sampler_lp: Sequence[float], served_version: int) -> dict[str, float]:
+    """A deferred probe's verdict (`publish(defer_probe=True)`), once the engine has scored it in a
+    sampling call at `served_version`: probe_gap / probe_tol / probe_shift, or HandoffError."""
+    assert probe.pending is not None, "no deferred probe to judge"
+    version, learner_lp = probe.pending
+    assert served_version == version, f"the probe of policy v{version} was scored by the engine at v{served_version}"
+    probe.pending = None
+    return judge_probe(ProbeScores(np.array(sampler_lp), learner_lp), version, probe)

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -44,7 +44,7 @@ from rlora.engine.sampler import EngineSpec, Sampler
 from rlora.engine.weight_sync import choose_transfer
 from rlora.eval.evaluate import eval_policy, load_benchmarks, parse_benchmarks
 from rlora.plan import check_before_loading
-from rlora.rl.handoff import Probe, make_probe, publish
+from rlora.rl.handoff import Probe, judge_deferred, make_probe, publish
 from rlora.rl.steps import learn, reward_group, step_metrics
 from rlora.rl.types import Group
 from rlora.runs import RunDir, create_run, reopen_run
@@ -112,7 +112,7 @@ def train(cfg: RLConfig, run: RunDir, progress: bool = True) -> RunDir:
     tokenizer = sampler.tokenizer
     # tolerance calibrated at the first handoff; FullFT fingerprints sampled between whole read-backs
     probe = make_probe(tokenizer, cfg.dtype, cfg.probe_tol, cfg.prompt_format, cfg.fingerprint_fraction, cfg.fingerprint_full_every)
-    publish(handle, sampler, start_step, probe)
+    publish(handle, sampler, start_step, probe, defer_probe=start_step < cfg.max_steps)  # calibrated in step start_step's sampling call
     try:
         run_steps(cfg, run, handle, sampler, probe, problems, eval_sets, start_step, progress)
     finally:
@@ -137,16 +137,23 @@ class Sampled:
     version: int
     sample_s: float
     grade_s: float
+    probe: dict[str, float] = field(default_factory=dict)  # the verdict on policy `version`'s deferred handoff probe
 
 
-def sample_step(sampler: Sampler, problems: list[Problem], step: int, cfg: RLConfig) -> Sampled:
-    """Steps 1-3: this step's problems, G completions each from the engine's current policy, graded."""
+def sample_step(sampler: Sampler, problems: list[Problem], step: int, cfg: RLConfig, probe: Probe) -> Sampled:
+    """Steps 1-3: this step's problems, G completions each from the engine's current policy, graded.
+
+    The first sampling call after a FullFT handoff also scores that handoff's probe (one more
+    request, `rlora.rl.handoff.publish`): a policy the engine does not serve stops the run here,
+    before any of the batch is trained."""
     t0 = time.perf_counter()
     prompts_P = [make_prompt(p, sampler.tokenizer, cfg.prompt_format) for p in batch_for_step(problems, step, cfg.prompts_per_step, cfg.seed)]
-    samples_P_G = sampler.sample(prompts_P, cfg.group_size, cfg.max_tokens, cfg.temperature)
+    score_ids = probe.token_ids if probe.pending is not None else None
+    samples_P_G, probe_lp = sampler.sample_scoring(prompts_P, cfg.group_size, cfg.max_tokens, cfg.temperature, score_ids=score_ids)
+    verdict = judge_deferred(probe, probe_lp, sampler.version) if probe_lp is not None else {}
     t1 = time.perf_counter()
     groups_P = [reward_group(p, s, sampler.version, cfg.reward_policy) for p, s in zip(prompts_P, samples_P_G)]
-    return Sampled(step=step, groups_P=groups_P, version=sampler.version, sample_s=t1 - t0, grade_s=time.perf_counter() - t1)
+    return Sampled(step=step, groups_P=groups_P, version=sampler.version, sample_s=t1 - t0, grade_s=time.perf_counter() - t1, probe=verdict)
 
 
 class InlineExecutor(Executor):
@@ -202,15 +209,19 @@ def run_steps(
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="rl", disable=not progress, file=sys.stderr)
     try:
         while step < cfg.max_steps:
-            if training is not None and training[1].done():  # 7. the learner finished: hand off the new policy, log, checkpoint
+            # 7. the learner finished: hand off the new policy, log, checkpoint (once the engine has
+            # scored the previous handoff's deferred probe: every version's probe is judged)
+            if training is not None and training[1].done() and probe.pending is None:
                 batch, (stats, train_tokens, learn_s) = training[0], training[1].result()
                 training = None
-                handoff = publish(handle, sampler, step + 1, probe)
+                # FullFT: the probe rides in the next sampling call at this version, if there is one
+                handoff = publish(handle, sampler, step + 1, probe, defer_probe=next_sample < cfg.max_steps)
                 now = time.perf_counter()
                 timings = {"sample_s": batch.sample_s, "grade_s": batch.grade_s, "learn_s": learn_s, **handoff, "handoff_bytes": sampler.handoff_bytes}
                 timings["step_s"] = now - last_done
                 overlap = {"sampler_wait_s": sampler_wait, "learner_wait_s": learner_wait}  # staleness_mean/max come from `learn`
-                row = {**step_metrics(step, batch.groups_P, stats, train_tokens), **timings, **overlap, **evals}
+                # probe_gap: of the policy that sampled this batch; the last handoff's own, if it was probed
+                row = {**step_metrics(step, batch.groups_P, stats, train_tokens), **batch.probe, **timings, **overlap, **evals}
                 run.log(row)
                 save_if_due(run, cfg, handle, step + 1)
                 step += 1
@@ -226,10 +237,10 @@ def run_steps(
                 learner_wait += time.perf_counter() - idle_since
                 training = (batch, pool.submit(learn_batch, batch))
             elif next_sample < cfg.max_steps and next_sample - sampler.version <= k:  # 1-3. sample ahead, within the bound
-                pending.append(sample_step(sampler, problems, next_sample, cfg))
+                pending.append(sample_step(sampler, problems, next_sample, cfg, probe))
                 next_sample += 1
             else:  # nothing to sample yet: wait for the learner
-                assert training is not None, "the pipeline stalled"
+                assert training is not None and probe.pending is None, "the pipeline stalled"
                 t = time.perf_counter()
                 wait([training[1]])
                 sampler_wait += time.perf_counter() - t
