@@ -159,10 +159,11 @@ class RLConfig(TrainConfig):
     probe_tol: float = 0.0  # handoff probe tolerance (nats/token); 0 = calibrated at the first handoff (rlora.rl.handoff.Probe)
     # FullFT on CPU: vLLM packs each linear weight into an opaque GEMM, read back by multiplying identity rows
     # (~2 s for the 135M model on 2 cores). Each handoff reads back this share of every packed GEMM's input
-    # columns, drawn afresh (plain tensors, adapters and GPU weights are always fingerprinted whole); the run's
-    # first handoff and every `fingerprint_full_every`-th version read back all of them (1 = every handoff).
-    fingerprint_fraction: float = 0.125
-    fingerprint_full_every: int = 10
+    # columns and of the embedding's, drawn afresh (norms, adapters and GPU weights are always fingerprinted
+    # whole); the run's first handoff and every `fingerprint_full_every`-th version read back all of them
+    # (1 = every handoff). A stale or partial handoff leaves whole tensors old: 36 of 576 columns see it.
+    fingerprint_fraction: float = 0.0625
+    fingerprint_full_every: int = 20
     # scaling out (rlora.train.placement, rlora.train.distributed; README "Scaling out")
     placement: str = "colocate"  # colocate | split (sampler and learner on separate GPUs) | sleep (colocate + vLLM sleep mode)
     tensor_parallel_size: int = 1  # the sampler's vLLM tensor parallelism (GPUs, or CPU core groups)

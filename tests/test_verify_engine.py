@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlora.config import RLConfig
 from rlora.engine.sampler import DEFAULT_TENANT, EngineSpec, Sampler
 from rlora.rl.handoff import HandoffError, Probe, make_probe, publish
 from rlora.rl.multi import shared_base_learners
@@ -153,21 +154,22 @@ def test_every_handoff_fault_stops_the_run_at_its_step(tiny_model_with_tokenizer
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sampled_fullft_read_back_catches_every_stale_or_partial_handoff(tiny_model_with_tokenizer, dtype):
-    """The run's default between whole read-backs (config fingerprint_fraction 0.125): each packed
-    GEMM read back at 1/8 of its input columns, drawn afresh. A skipped load, the previous version
+    """The run's default between whole read-backs (config fingerprint_fraction, 1/16): each packed
+    GEMM read back at that share of its input columns, drawn afresh. A skipped load, the previous version
     and one tensor of one layer left old still stop the run at their step, at both ends of the
     FullFT learning-rate range; correct handoffs pass and report the sampled fraction."""
     path = tiny_model_with_tokenizer
     run = Run(make_learner(path, "full", dtype), make_sampler(path, "full", dtype))
-    run.probe.fingerprint_fraction, run.probe.fingerprint_full_every = 0.125, 1000
+    fraction = RLConfig().fingerprint_fraction
+    run.probe.fingerprint_fraction, run.probe.fingerprint_full_every = fraction, 1000
     sampler = run.sampler
     try:
         assert run.publish()["fingerprint_fraction"] == 1.0  # the run's first handoff: everything
         for k, lr in enumerate(LRS["full"]):
             stats = fullft_faults(run, lr, k, skip_match="worker 0 .*weight .*input columns sampled")
-            assert stats["fingerprint_ok"] == 1.0 and stats["fingerprint_fraction"] == 0.125
+            assert stats["fingerprint_ok"] == 1.0 and stats["fingerprint_fraction"] == fraction
         # the embedding is sampled too (by columns): left old, it is caught and named
-        served = {t.name: t for t in sampler.served_prints(seed=5, fraction=0.125)[0].tensors}
+        served = {t.name: t for t in sampler.served_prints(seed=5, fraction=fraction)[0].tensors}
         assert 0 < served["model.embed_tokens.weight"].columns[2] < served["model.embed_tokens.weight"].columns[1]
         name = "model.embed_tokens.weight"
         old = dict(run.learner.weights())[name].clone()
