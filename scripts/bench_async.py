@@ -40,9 +40,14 @@ GPU_PRESETS = ("rl_gsm8k_llama3_8b_lora_r1", "rl_gsm8k_llama3_8b_full", "rl_math
 FOREIGN = "bench_foreign_cpu_share"  # kept in the run directory, so a summary read back later still has it
 
 
+def loss_override(k: int, loss: str) -> list[str]:
+    """The config override a run gets for `--async-loss`: none at k = 0 (held to the preset's `tis`) or for `tis`."""
+    return [f"loss={loss}"] if k > 0 and loss != "tis" else []
+
+
 def run_name(arm: str, k: int, seed: int, loss: str) -> str:
-    """The run directory's name: the loss is named when it is not the preset's (`tis`); k = 0 always keeps `tis`."""
-    return f"{arm}-k{k}-s{seed}" + (f"-{loss}" if k > 0 and loss != "tis" else "")
+    """The run directory's name: the loss is named when the run overrides the preset's."""
+    return f"{arm}-k{k}-s{seed}" + (f"-{loss}" if loss_override(k, loss) else "")
 
 
 def run_one(arm: str, k: int, seed: int, steps: int, run_dir: Path, quick: bool, loss: str = "tis") -> tuple[list[dict[str, object]], float | None]:
@@ -56,7 +61,7 @@ def run_one(arm: str, k: int, seed: int, steps: int, run_dir: Path, quick: bool,
         cmd = [sys.executable, "-m", "rlora.cli", "rl", "--resume", str(run_dir)]
     else:
         cmd = [sys.executable, "-m", "rlora.cli", "rl", "--config", str(PRESETS[arm]), f"max_staleness={k}", f"seed={seed}", f"max_steps={steps}"]
-        cmd += [f"loss={loss}"] if k > 0 and loss != "tis" else []
+        cmd += loss_override(k, loss)
         cmd += ["checkpoint_every=5", f"run_dir={run_dir}"] + (["prompts_per_step=2", "group_size=4", "max_tokens=16"] if quick else [])
     proc, foreign = foreign_cpu_share(lambda: subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True))
     if proc.returncode != 0:

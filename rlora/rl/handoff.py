@@ -440,19 +440,17 @@ def publish(learner: LearnerHandle, sampler: Engine, version: int, probe: Probe,
     handoff_s = time.perf_counter() - start
     defer = defer_probe and learner.spec.lora is None
     t = time.perf_counter()
-    learner_lp = np.array(learner.sequence_logprobs(probe.token_ids)) if defer else None
-    scores = None if defer else score_probe(learner, sampler, probe)
+    if defer:  # the learner's half now; the engine's in the next sampling call (`judge_deferred`)
+        probe.pending, scores = (version, np.array(learner.sequence_logprobs(probe.token_ids))), None
+    else:
+        scores = score_probe(learner, sampler, probe)
     probe_s = time.perf_counter() - t
     # the exact check rules first: its error names the worker, the tensor and the version
     printed = verify_fingerprints(
         learner, sampler, version, check_base=learner.spec.lora is not None and not probe.base_verified, fraction=probe.fingerprint_fraction_for(version)
     )
     probe.base_verified = True
-    if scores is None:
-        assert learner_lp is not None
-        probe.pending, probed = (version, learner_lp), {"probe_s": probe_s}
-    else:
-        probed = {**judge_probe(scores, version, probe), "probe_s": probe_s}
+    probed = {"probe_s": probe_s} if scores is None else {**judge_probe(scores, version, probe), "probe_s": probe_s}
     return {"handoff_s": handoff_s, **probed, **printed, "verify_s": time.perf_counter() - start - handoff_s}
 
 
