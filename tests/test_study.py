@@ -313,3 +313,20 @@ def test_a_study_without_fullft_has_no_steps_target(tmp_path):
     _, study = analyze_study(root, kind="rl")
     assert study.arms[0].target is None and study.arms[0].steps_to_target_S == (None, None, None) and study.versus == ()
     assert "- (no FullFT arm)" in (root / "analysis" / "report.md").read_text()
+
+
+def test_committed_study_report_is_what_its_committed_runs_give(tmp_path, monkeypatch):
+    """docs/study_rl_cpu/summary.json and report.md are regenerated from docs/study_rl_cpu/runs
+    (the study's raw data, kept in git across sittings): a run added without rerunning the
+    analysis, or an analysis change that moves a published number, fails here."""
+    root = Path(__file__).resolve().parents[1]
+    committed = root / "docs" / "study_rl_cpu"
+    monkeypatch.chdir(root)  # run paths in summary.json are as `rlora analyze docs/study_rl_cpu/runs` writes them
+    analyze_study("docs/study_rl_cpu/runs", out=tmp_path)
+    for name in ("summary.json", "report.md"):
+        regenerated = (tmp_path / name).read_text().replace(str(tmp_path), "docs/study_rl_cpu")
+        assert regenerated == (committed / name).read_text(), f"docs/study_rl_cpu/{name} is stale: rerun rlora analyze docs/study_rl_cpu/runs --out docs/study_rl_cpu"
+    summary = json.loads((committed / "summary.json").read_text())
+    ranks = {v["arm"].split()[0] for v in summary["study"]["versus"]}  # "r=8" or "r=8 alpha_rule=constant"
+    assert {"r=1", "r=8", "r=64"} <= ranks
+    assert all(r["config"]["dtype"] == "float32" and r["config"]["max_steps"] == 20 for r in summary["study"]["runs"])
