@@ -325,7 +325,9 @@ def test_committed_study_report_is_what_its_committed_runs_give(tmp_path, monkey
     analyze_study("docs/study_rl_cpu/runs", out=tmp_path)
     for name in ("summary.json", "report.md"):
         regenerated = (tmp_path / name).read_text().replace(str(tmp_path), "docs/study_rl_cpu")
-        assert regenerated == (committed / name).read_text(), f"docs/study_rl_cpu/{name} is stale: rerun rlora analyze docs/study_rl_cpu/runs --out docs/study_rl_cpu"
+        assert regenerated == (committed / name).read_text(), (
+            f"docs/study_rl_cpu/{name} is stale: rerun rlora analyze docs/study_rl_cpu/runs --out docs/study_rl_cpu"
+        )
     summary = json.loads((committed / "summary.json").read_text())
     ranks = {v["arm"].split()[0] for v in summary["study"]["versus"]}  # "r=8" or "r=8 alpha_rule=constant"
     assert {"r=1", "r=8", "r=64"} <= ranks
