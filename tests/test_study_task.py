@@ -209,3 +209,49 @@ def test_study_presets_load_and_train_on_the_calibrated_task(preset):
     else:
         assert cfg.rank == 1 and cfg.lr == pytest.approx(10 * full.lr)
     load_benchmarks(["arith_chain"], cfg.eval_limit, "", ArithChain(cfg.arith_max, cfg.arith_terms))
+
+
+@pytest.mark.parametrize("preset", ["rl_cpu_long_full.yaml", "rl_cpu_long_lora_r1.yaml"])
+def test_long_curve_presets_share_the_50x2_task_and_keep_the_10x_ratio(preset):
+    cfg = load_config(RLConfig, PRESETS / preset)
+    full = load_config(RLConfig, PRESETS / "rl_cpu_long_full.yaml")
+    # 50 x 2, not the study's 20 x 2: 2,500 operand pairs are not covered within 100 steps
+    assert (cfg.task, cfg.arith_max, cfg.arith_terms) == ("arith_chain", 50, 2)
+    assert cfg.max_steps >= 100 and cfg.eval_every > 0 and cfg.eval_benchmarks == "arith_chain"
+    assert (cfg.prompts_per_step, cfg.group_size, cfg.max_tokens, cfg.max_steps) == (
+        full.prompts_per_step,
+        full.group_size,
+        full.max_tokens,
+        full.max_steps,
+    )
+    if cfg.is_full:
+        assert cfg.lr == pytest.approx(3e-6)  # the lr whose curve still rises after step 50 (docs)
+    else:
+        assert cfg.rank == 1 and cfg.alpha_rule == "constant" and cfg.lr == pytest.approx(10 * full.lr)
+    # the docs' checkpoint evaluation: 200 held-out questions at the run's own difficulty
+    problems = load_benchmarks(["arith_chain"], 200, "", ArithChain(cfg.arith_max, cfg.arith_terms))["arith_chain"]
+    assert len({p.question for p in problems}) == 200
+
+
+def test_long_curve_claims_match_the_committed_checkpoint_evaluations():
+    """docs/study_rl_cpu.md's "still rising after step 50" is recomputed from the per-question scores."""
+    docs = PRESETS.parent / "docs"
+    evals = json.loads((docs / "study_rl_cpu" / "checkpoint_evals_50x2.json").read_text())["arms"]
+    text = " ".join((docs / "study_rl_cpu.md").read_text().split())  # line breaks as spaces
+
+    def paired(arm_b: str, step_b: int, arm_a: str, step_a: int) -> str:
+        a = next(r for r in evals[arm_a] if r["step"] == step_a)["per_question"]
+        b = next(r for r in evals[arm_b] if r["step"] == step_b)["per_question"]
+        assert sorted(a) == sorted(b) and len(a) == 200  # the same held-out questions at every checkpoint
+        diff_Q = [b[q] - a[q] for q in a]
+        mean = sum(diff_Q) / len(diff_Q)
+        se = (sum((d - mean) ** 2 for d in diff_Q) / (len(diff_Q) - 1) / len(diff_Q)) ** 0.5
+        return f"{mean:+.3f} [{mean - 1.97 * se:+.3f}, {mean + 1.97 * se:+.3f}]"
+
+    base = evals["base"][0]
+    assert 0.05 <= base["avg@4"] <= 0.30 and "Base reward 6.0% +- 0.9%" in text
+    rise = paired("fullft_lr3e-6", 100, "fullft_lr3e-6", 50)
+    assert float(rise.split(" [")[1].split(",")[0]) > 0  # the interval's lower end: still rising after step 50
+    assert f"step 100 - step 50 = **{rise}**" in text
+    assert f"step 60 - step 50 = {paired('fullft_lr1e-5', 60, 'fullft_lr1e-5', 50)}" in text  # lr 1e-5 is flat
+    assert f"step 60 **{paired('lora_r1_lr3e-5', 60, 'fullft_lr3e-6', 60)}**" in text  # rank 1 trails
