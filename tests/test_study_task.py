@@ -255,3 +255,10 @@ def test_long_curve_claims_match_the_committed_checkpoint_evaluations():
     assert f"step 100 - step 50 = **{rise}**" in text
     assert f"step 60 - step 50 = {paired('fullft_lr1e-5', 60, 'fullft_lr1e-5', 50)}" in text  # lr 1e-5 is flat
     assert f"step 60 **{paired('lora_r1_lr3e-5', 60, 'fullft_lr3e-6', 60)}**" in text  # rank 1 trails
+    # The second seed: other prompts in another order, the same claims.
+    rise_seed1 = paired("fullft_lr3e-6_seed1", 100, "fullft_lr3e-6_seed1", 50)
+    assert float(rise_seed1.split(" [")[1].split(",")[0]) > 0
+    assert f"step 100 - step 50 = **{rise_seed1}**" in text
+    gap_seed1 = paired("lora_r1_lr3e-5_seed1", 60, "fullft_lr3e-6_seed1", 60)
+    assert float(gap_seed1.split(", ")[1].rstrip("]")) < 0  # the interval's upper end: rank 1 trails
+    assert f"at step 60 **{gap_seed1}**" in text
