@@ -239,26 +239,28 @@ def test_long_curve_claims_match_the_committed_checkpoint_evaluations():
     evals = json.loads((docs / "study_rl_cpu" / "checkpoint_evals_50x2.json").read_text())["arms"]
     text = " ".join((docs / "study_rl_cpu.md").read_text().split())  # line breaks as spaces
 
-    def paired(arm_b: str, step_b: int, arm_a: str, step_a: int) -> str:
+    def paired(arm_b: str, step_b: int, arm_a: str, step_a: int) -> tuple[str, float, float]:
+        """The difference b - a as the doc writes it, and its 95% interval's ends."""
         a = next(r for r in evals[arm_a] if r["step"] == step_a)["per_question"]
         b = next(r for r in evals[arm_b] if r["step"] == step_b)["per_question"]
         assert sorted(a) == sorted(b) and len(a) == 200  # the same held-out questions at every checkpoint
         diff_Q = [b[q] - a[q] for q in a]
         mean = sum(diff_Q) / len(diff_Q)
         se = (sum((d - mean) ** 2 for d in diff_Q) / (len(diff_Q) - 1) / len(diff_Q)) ** 0.5
-        return f"{mean:+.3f} [{mean - 1.97 * se:+.3f}, {mean + 1.97 * se:+.3f}]"
+        lo, hi = mean - 1.97 * se, mean + 1.97 * se
+        return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]", lo, hi
 
     base = evals["base"][0]
     assert 0.05 <= base["avg@4"] <= 0.30 and "Base reward 6.0% +- 0.9%" in text
-    rise = paired("fullft_lr3e-6", 100, "fullft_lr3e-6", 50)
-    assert float(rise.split(" [")[1].split(",")[0]) > 0  # the interval's lower end: still rising after step 50
+    rise, rise_lo, _ = paired("fullft_lr3e-6", 100, "fullft_lr3e-6", 50)
+    assert rise_lo > 0  # still rising after step 50
     assert f"step 100 - step 50 = **{rise}**" in text
-    assert f"step 60 - step 50 = {paired('fullft_lr1e-5', 60, 'fullft_lr1e-5', 50)}" in text  # lr 1e-5 is flat
-    assert f"step 60 **{paired('lora_r1_lr3e-5', 60, 'fullft_lr3e-6', 60)}**" in text  # rank 1 trails
+    assert f"step 60 - step 50 = {paired('fullft_lr1e-5', 60, 'fullft_lr1e-5', 50)[0]}" in text  # lr 1e-5 is flat
+    assert f"step 60 **{paired('lora_r1_lr3e-5', 60, 'fullft_lr3e-6', 60)[0]}**" in text  # rank 1 trails
     # The second seed: other prompts in another order, the same claims.
-    rise_seed1 = paired("fullft_lr3e-6_seed1", 100, "fullft_lr3e-6_seed1", 50)
-    assert float(rise_seed1.split(" [")[1].split(",")[0]) > 0
+    rise_seed1, rise_seed1_lo, _ = paired("fullft_lr3e-6_seed1", 100, "fullft_lr3e-6_seed1", 50)
+    assert rise_seed1_lo > 0
     assert f"step 100 - step 50 = **{rise_seed1}**" in text
-    gap_seed1 = paired("lora_r1_lr3e-5_seed1", 60, "fullft_lr3e-6_seed1", 60)
-    assert float(gap_seed1.split(", ")[1].rstrip("]")) < 0  # the interval's upper end: rank 1 trails
+    gap_seed1, _, gap_seed1_hi = paired("lora_r1_lr3e-5_seed1", 60, "fullft_lr3e-6_seed1", 60)
+    assert gap_seed1_hi < 0  # rank 1 trails
     assert f"at step 60 **{gap_seed1}**" in text
